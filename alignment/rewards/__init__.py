@@ -1,0 +1,12 @@
+"""Turning rollouts into rewards: shaping, ensembles, verifiers, RM scoring."""
+
+from alignment.rewards import _ensemble
+from alignment.rewards import _shaping
+from alignment.rewards._ensemble import *  # noqa: F403
+from alignment.rewards._shaping import *  # noqa: F403
+
+SHAPING = dict(_shaping.REGISTRY)
+"""Reward transformations by config name (``config.reward.shaping``)."""
+
+ENSEMBLE_AGGREGATORS = dict(_ensemble.REGISTRY)
+"""Ensemble aggregators by config name (``config.reward.ensemble``)."""

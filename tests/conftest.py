@@ -1,0 +1,24 @@
+"""Global test settings. Runs before any test imports jax or alignment."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_threefry_partitionable", True)
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  if jax.default_backend() != "cpu":
+    return
+  skip = pytest.mark.skip(reason="needs a GPU or TPU")
+  for item in items:
+    if "accelerator" in item.keywords:
+      item.add_marker(skip)
