@@ -1,0 +1,122 @@
+"""Helpers shared by every ``configs/*.py`` file (their only import).
+
+* :func:`parse_arg` turns the ``:key=value,flag`` suffix of ``--config`` into
+  a typed ConfigDict, as big_vision does.
+* :data:`DEFAULT_RULES` is the logical-axis → mesh-axis table.
+* :func:`model` returns the model block of a config for a named preset.
+"""
+
+import ml_collections
+
+DEFAULT_RULES = (
+  ("batch", ("data", "fsdp")),
+  ("members", None),
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("mlp", "tensor"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("kv", None),
+  ("length", None),
+  ("layers", None),
+)
+"""First matching rule wins; mesh axes of size 1 are dropped."""
+
+DEFAULT_MESH = (("data", -1), ("fsdp", 1), ("tensor", 1))
+
+
+def parse_arg(
+  arg: str | None, *, lazy: bool = False, **spec
+) -> ml_collections.ConfigDict:
+  """Parses ``"a=1,b=x,flag"`` into a ConfigDict typed by ``spec``'s defaults.
+
+  Args:
+    arg: the string after ``:`` in ``--config=path.py:arg`` (may be None).
+    lazy: accept keys not in ``spec`` (typed as strings).
+    **spec: the valid keys and their defaults; a default's type converts the
+      value (``bool`` accepts a bare ``flag`` and ``true/false/1/0``).
+
+  Returns:
+    ConfigDict with every key of ``spec``.
+
+  Raises:
+    ValueError: for an unknown key (listing the valid ones) or a bad value.
+  """
+  result = ml_collections.ConfigDict(dict(spec))
+  if not arg:
+    return result
+  for item in arg.split(","):
+    item = item.strip()
+    if not item:
+      continue
+    key, _, value = item.partition("=")
+    key = key.strip()
+    if key not in spec:
+      if not lazy:
+        raise ValueError(
+          f"config arg: unknown key {key!r} in {arg!r}; valid "
+          f"keys are {sorted(spec)}."
+        )
+      result[key] = value
+      continue
+    default = spec[key]
+    if isinstance(default, bool):
+      if not _:
+        result[key] = True
+      elif value.lower() in ("1", "true", "yes"):
+        result[key] = True
+      elif value.lower() in ("0", "false", "no"):
+        result[key] = False
+      else:
+        raise ValueError(f"config arg: {key}={value!r} is not a boolean.")
+    elif not _:
+      raise ValueError(f"config arg: {key!r} needs a value ({key}=...).")
+    elif default is None or isinstance(default, str):
+      result[key] = value
+    else:
+      try:
+        result[key] = type(default)(value)
+      except ValueError as e:
+        raise ValueError(
+          f"config arg: {key}={value!r} is not a {type(default).__name__}."
+        ) from e
+  return result
+
+
+def model(preset: str, **overrides) -> ml_collections.ConfigDict:
+  """The ``config.model`` block: a preset name plus field overrides.
+
+  The trainer resolves it with ``alignment.models.get_preset(preset,
+  **overrides)``; every field of ``ModelConfig`` may be overridden from the
+  command line (``--config.model.overrides.n_layers=4``).
+  """
+  block = ml_collections.ConfigDict()
+  block.preset = preset
+  block.dtype = "float32"
+  block.param_dtype = "float32"
+  block.remat = False
+  block.overrides = ml_collections.ConfigDict(overrides)
+  block.init_from = ""  # a Hugging Face checkpoint directory, or ""
+  return block
+
+
+def optimizer(
+  learning_rate: float, total_steps_ref, **kw
+) -> ml_collections.ConfigDict:
+  """The ``config.optimizer`` block (optax adamw + warmup-cosine schedule)."""
+  block = ml_collections.ConfigDict()
+  block.name = "adamw"
+  block.learning_rate = learning_rate
+  block.schedule = "warmup_cosine"  # or "constant", "warmup_linear"
+  block.warmup_steps = total_steps_ref // 10
+  block.b1 = 0.9
+  block.b2 = 0.999
+  block.eps = 1e-8
+  block.weight_decay = 0.0
+  block.grad_clip_norm = 1.0
+  block.update(kw)
+  return block
+
+
+def mesh_block(**kw) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(kw)
