@@ -1,0 +1,138 @@
+"""The embedded default task: deterministic generated data with a gold reward.
+
+"Letters" task. A prompt is ``n_prompt_letters`` distinct lowercase letters
+followed by ``">"`` (``"qwert>"``). A completion is a string of lowercase
+letters. The gold reward of a completion is the fraction of its first
+``completion_len`` characters that occur in the prompt, so it lies in
+``[0, 1]``, depends on the prompt (a reward model must compare completion and
+prompt, through attention) and is cheap to compute exactly:
+
+  r*(x, y) = (1 / K) * Σ_{i < K} [y_i ∈ letters(x)],   K = completion_len
+
+Supervised data ("demonstrations") draws each completion letter from the
+prompt's letters with probability ``p_in`` and uniformly from the alphabet
+otherwise, so a policy fine-tuned on it starts at a gold reward of about
+``p_in + (1 - p_in) * n / 26`` and has clear room to improve. Preference
+pairs are labelled by the gold reward with Bradley–Terry noise:
+``P(y1 ≻ y2) = σ((r*(y1) - r*(y2)) / temperature)``.
+
+Everything is a pure function of the seed (NumPy ``Generator``).
+"""
+
+import dataclasses
+import string
+
+import numpy as np
+
+ALPHABET = string.ascii_lowercase
+PROMPT_END = ">"
+
+
+@dataclasses.dataclass(frozen=True)
+class LettersTask:
+  """Generator and gold reward of the default task (see module docstring)."""
+
+  n_prompt_letters: int = 5
+  completion_len: int = 8
+  p_in: float = 0.3
+  label_temperature: float = 0.1
+
+  def __post_init__(self):
+    if not 1 <= self.n_prompt_letters <= 26:
+      raise ValueError("LettersTask.n_prompt_letters must be in [1, 26], got "
+                       f"{self.n_prompt_letters}.")
+    if self.completion_len < 1:
+      raise ValueError("LettersTask.completion_len must be >= 1, got "
+                       f"{self.completion_len}.")
+    if not 0.0 <= self.p_in <= 1.0:
+      raise ValueError(f"LettersTask.p_in must be in [0, 1], got {self.p_in}.")
+    if self.label_temperature <= 0:
+      raise ValueError("LettersTask.label_temperature must be > 0, got "
+                       f"{self.label_temperature}.")
+
+  # -- generation -------------------------------------------------------------
+
+  def prompts(self, n: int, seed: int) -> list[str]:
+    """``n`` prompts, deterministic in ``seed``."""
+    rng = np.random.default_rng([seed, 0])
+    out = []
+    for _ in range(n):
+      letters = rng.choice(26, size=self.n_prompt_letters, replace=False)
+      out.append("".join(ALPHABET[i] for i in letters) + PROMPT_END)
+    return out
+
+  def demonstration(self, prompt: str, rng: np.random.Generator) -> str:
+    """One supervised completion for ``prompt`` (noisy, see module doc)."""
+    letters = self.prompt_letters(prompt)
+    chars = []
+    for _ in range(self.completion_len):
+      if rng.random() < self.p_in:
+        chars.append(letters[rng.integers(len(letters))])
+      else:
+        chars.append(ALPHABET[rng.integers(26)])
+    return "".join(chars)
+
+  def sft_examples(self, n: int, seed: int) -> list[dict]:
+    """``[{"prompt", "completion"}]`` demonstrations."""
+    rng = np.random.default_rng([seed, 1])
+    return [{"prompt": p, "completion": self.demonstration(p, rng)}
+            for p in self.prompts(n, seed)]
+
+  def label_pairs(self, prompts, completions_a, completions_b, seed: int
+                  ) -> list[dict]:
+    """Labels pairs with Bradley–Terry noise on the gold reward.
+
+    Returns rows ``{"prompt", "chosen", "rejected", "gold_chosen",
+    "gold_rejected"}``; the chosen side is drawn with probability
+    ``σ((r*(a) - r*(b)) / label_temperature)``.
+    """
+    rng = np.random.default_rng([seed, 2])
+    ga = self.gold_rewards(prompts, completions_a)
+    gb = self.gold_rewards(prompts, completions_b)
+    p_a = 1.0 / (1.0 + np.exp(-(ga - gb) / self.label_temperature))
+    take_a = rng.random(len(prompts)) < p_a
+    rows = []
+    for i, prompt in enumerate(prompts):
+      a, b = completions_a[i], completions_b[i]
+      chosen, rejected = (a, b) if take_a[i] else (b, a)
+      g_c, g_r = (ga[i], gb[i]) if take_a[i] else (gb[i], ga[i])
+      rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                   "gold_chosen": float(g_c), "gold_rejected": float(g_r)})
+    return rows
+
+  def preference_pairs(self, n: int, seed: int) -> list[dict]:
+    """Pairs of two demonstrations per prompt, labelled by :meth:`label_pairs`.
+
+    (The default pipeline labels pairs sampled from the SFT policy instead;
+    this offline version needs no model.)
+    """
+    rng = np.random.default_rng([seed, 3])
+    prompts = self.prompts(n, seed)
+    a = [self.demonstration(p, rng) for p in prompts]
+    b = [self.demonstration(p, rng) for p in prompts]
+    return self.label_pairs(prompts, a, b, seed)
+
+  # -- reward -----------------------------------------------------------------
+
+  def prompt_letters(self, prompt: str) -> str:
+    body = prompt[:-len(PROMPT_END)] if prompt.endswith(PROMPT_END) else prompt
+    return body
+
+  def gold_reward(self, prompt: str, completion: str) -> float:
+    """r*(x, y) in [0, 1] (module docstring)."""
+    letters = set(self.prompt_letters(prompt))
+    head = completion[:self.completion_len]
+    return sum(c in letters for c in head) / self.completion_len
+
+  def gold_rewards(self, prompts, completions) -> np.ndarray:
+    """Vectorised :meth:`gold_reward`, float64 ``[B]``."""
+    if len(prompts) != len(completions):
+      raise ValueError(f"gold_rewards: {len(prompts)} prompts but "
+                       f"{len(completions)} completions.")
+    return np.asarray([self.gold_reward(p, c)
+                       for p, c in zip(prompts, completions, strict=True)],
+                      np.float64)
+
+  def expected_demonstration_reward(self) -> float:
+    """Gold reward of the demonstration distribution, in closed form."""
+    return self.p_in + (1 - self.p_in) * self.n_prompt_letters / 26
