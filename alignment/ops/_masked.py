@@ -163,9 +163,10 @@ def masked_whiten(
   Returns:
     float32 array of ``x``'s shape.
   """
+  x = jnp.where(mask, _f32(x), 0.0)  # NaN padding must not reach the grads
   mean = masked_mean(x, mask, axis_name=axis_name)
   var = masked_var(x, mask, ddof=1, axis_name=axis_name)
-  out = (_f32(x) - mean) * jax.lax.rsqrt(var + epsilon)
+  out = (x - mean) * jax.lax.rsqrt(var + epsilon)
   if not shift_mean:
     out = out + mean
   return jnp.where(mask, out, 0.0)
