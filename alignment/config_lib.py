@@ -120,3 +120,61 @@ def optimizer(
 
 def mesh_block(**kw) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(kw)
+
+
+def _keyword_defaults(fn) -> dict:
+  import inspect  # noqa: PLC0415
+
+  out = {}
+  sig = inspect.signature(inspect.unwrap(fn))
+  for name, p in sig.parameters.items():
+    if p.kind == p.KEYWORD_ONLY and p.default is not p.empty:
+      out[name] = p.default
+  return out
+
+
+def _block_from_registry(registry: dict, kind: str, name: str, overrides
+                         ) -> ml_collections.ConfigDict:
+  if name not in registry:
+    raise ValueError(f"unknown {kind} {name!r}; valid choices are "
+                     f"{sorted(registry)}.")
+  defaults = _keyword_defaults(registry[name])
+  unknown = sorted(set(overrides) - set(defaults))
+  if unknown:
+    raise ValueError(f"{kind} {name!r} has no hyperparameters {unknown}; "
+                     f"valid ones are {sorted(defaults)}.")
+  block = ml_collections.ConfigDict()
+  block.name = name
+  for key, value in {**defaults, **overrides}.items():
+    # ConfigDict cannot hold None with a later-typed override; keep None.
+    block[key] = value
+  return block
+
+
+def loss(name: str, **overrides) -> ml_collections.ConfigDict:
+  """``config.loss``: a ``losses.REGISTRY`` name plus every keyword
+  hyperparameter of that function with its default (``--config.loss.beta``
+  works, a typo fails under ``lock_config``)."""
+  from alignment import losses  # noqa: PLC0415 - jax only, no flax
+
+  return _block_from_registry(losses.REGISTRY, "loss", name, overrides)
+
+
+def advantage(name: str, **overrides) -> ml_collections.ConfigDict:
+  """``config.advantage``: an ``advantages.REGISTRY`` name + hyperparams."""
+  from alignment import advantages  # noqa: PLC0415
+
+  return _block_from_registry(advantages.REGISTRY, "advantage estimator",
+                              name, overrides)
+
+
+def registry_names(kind: str) -> list[str]:
+  """Names a sweep can iterate over: ``preference``, ``reward_model``,
+  ``policy``, ``advantage``."""
+  from alignment import advantages, losses  # noqa: PLC0415
+
+  table = {"preference": losses.PREFERENCE_LOSSES,
+           "reward_model": losses.REWARD_MODEL_LOSSES,
+           "policy": losses.POLICY_LOSSES,
+           "advantage": advantages.REGISTRY}
+  return sorted(table[kind])

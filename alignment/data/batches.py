@@ -45,13 +45,20 @@ class PreferenceBatch(NamedTuple):
 
 
 class UnpairedBatch(NamedTuple):
-  """Unpaired thumbs-up/down feedback (KTO, BCO): ``labels`` bool ``[B]``."""
+  """Unpaired thumbs-up/down feedback (KTO, BCO): ``labels`` bool ``[B]``.
+
+  ``kl_*`` hold mismatched rows (prompt ``i`` with the completion of row
+  ``(i + 1) mod B``) from which KTO estimates its KL reference point z0.
+  """
 
   tokens: np.ndarray
   attention_mask: np.ndarray
   completion_mask: np.ndarray
   labels: np.ndarray
   example_mask: np.ndarray
+  kl_tokens: np.ndarray | None = None
+  kl_attention_mask: np.ndarray | None = None
+  kl_completion_mask: np.ndarray | None = None
   ref_logps: np.ndarray | None = None
 
 
