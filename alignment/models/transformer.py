@@ -1,0 +1,597 @@
+"""Decoder-only transformer (Llama / Mistral / Qwen2 / Qwen3 / GPT-2 / NeoX).
+
+One module covers the supported families through `ModelConfig` switches:
+grouped-query causal attention, RoPE (base ``theta``, Llama-3 or linear
+scaling, NeoX partial rotary) or learned absolute positions, RMSNorm or
+LayerNorm, SwiGLU or GELU MLPs, sequential or parallel residuals, q/k/v
+biases, per-head QK-norm, sliding-window attention, optional ``nnx.remat``
+per block, and separate parameter / compute dtypes.
+
+Shapes use the glossary letters: ``B`` batch, ``L`` sequence, ``D`` width,
+``H`` query heads, ``N`` head dim, ``V`` vocabulary; ``S`` is the KV-cache
+length and ``KV`` the number of key/value heads.
+
+Padding and packing: ``attention_mask`` (bool ``[B, L]``, True on real
+tokens) hides padded keys; ``segment_ids`` restricts attention to tokens of
+the same segment (packed sequences). Positions default to the running count
+of real tokens (``cumsum(attention_mask) - 1``, restarting at every segment),
+so left-padded prompts get the positions an unpadded prompt would.
+
+KV cache: :meth:`Transformer.init_cache` returns a `KVCache`; calling the
+model with ``cache=...`` writes the new keys/values at each row's next slot
+(``cache.index``) and returns ``(hidden, new_cache)``. The same call serves
+prefill (``L`` prompt tokens) and decoding (``L = 1``).
+"""
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from alignment.array_types import In, Out, typechecked
+from alignment.models.config import ModelConfig
+from alignment.models.partitioning import constrain
+
+BATCH_LENGTH_EMBED = ("batch", "length", "embed")
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "kv")
+"""Logical axes of `KVCache.k` / `KVCache.v`."""
+
+_MASK_VALUE = float(np.finfo(np.float32).min)
+
+
+class KVCache(NamedTuple):
+  """Per-layer keys and values of the tokens seen so far.
+
+  Attributes:
+    k: ``[n_layers, B, S, KV, N]`` keys (after RoPE / QK-norm).
+    v: ``[n_layers, B, S, KV, N]`` values.
+    key_positions: ``[B, S]`` int32 position id of each cached token; ``-1``
+      marks empty slots and padding (never attended to).
+    index: ``[B]`` int32, the next slot each row writes to.
+  """
+
+  k: Float[Array, "layers B S KV N"]
+  v: Float[Array, "layers B S KV N"]
+  key_positions: Int[Array, "B S"]
+  index: Int[Array, "B"]
+
+
+def init_cache(
+  config: ModelConfig, batch: int, max_len: int, dtype=None
+) -> KVCache:
+  """An empty `KVCache` for ``batch`` rows and ``max_len`` slots.
+
+  Args:
+    config: the model's config.
+    batch: rows (B).
+    max_len: cache slots (S): prompt plus generated tokens must fit.
+    dtype: storage dtype of keys/values; defaults to ``config.dtype``.
+
+  Returns:
+    A `KVCache` of zeros with all slots empty and ``index`` 0.
+  """
+  if batch < 1 or max_len < 1:
+    raise ValueError(
+      f"batch and max_len must be >= 1, got {batch} and {max_len}."
+    )
+  dtype = jnp.dtype(config.dtype if dtype is None else dtype)
+  shape = (config.n_layers, batch, max_len, config.n_kv_heads, config.head_dim)
+  return KVCache(
+    k=jnp.zeros(shape, dtype),
+    v=jnp.zeros(shape, dtype),
+    key_positions=jnp.full((batch, max_len), -1, jnp.int32),
+    index=jnp.zeros((batch,), jnp.int32),
+  )
+
+
+class KeySeq:
+  """A stream of PRNG keys folded from one key with a Python counter.
+
+  Modules draw one key from ``nnx.Rngs`` and derive the rest locally:
+  every ``rngs.params()`` call updates a counter variable, which under
+  ``nnx.eval_shape`` costs time proportional to the trace so far.
+  """
+
+  def __init__(self, key: jax.Array):
+    self._key = key
+    self._count = 0
+
+  def __call__(self) -> jax.Array:
+    key = jax.random.fold_in(self._key, self._count)
+    self._count += 1
+    return key
+
+  def child(self) -> "KeySeq":
+    return KeySeq(self())
+
+
+def _param(
+  keys: KeySeq | None, config: ModelConfig, shape, axes, init: str = "normal"
+) -> nnx.Param:
+  """A parameter annotated with logical axes (no eager sharding)."""
+  dtype = jnp.dtype(config.param_dtype)
+  if init == "normal":
+    value = config.init_std * jax.random.normal(keys(), shape, jnp.float32)
+    value = value.astype(dtype)
+  elif init == "zeros":
+    value = jnp.zeros(shape, dtype)
+  elif init == "ones":
+    value = jnp.ones(shape, dtype)
+  else:
+    raise ValueError(f"unknown init {init!r}")
+  return nnx.Param(value, eager_sharding=False, out_sharding=tuple(axes))
+
+
+class Norm(nnx.Module):
+  """RMSNorm or LayerNorm over the last axis, computed in float32."""
+
+  def __init__(
+    self,
+    config: ModelConfig,
+    dim: int,
+    axes=("embed",),
+    *,
+    rngs: nnx.Rngs | None = None,
+  ):
+    del rngs
+    self.kind = config.norm
+    self.eps = config.norm_eps
+    self.scale = _param(None, config, (dim,), axes, "ones")
+    self.bias = (
+      _param(None, config, (dim,), axes, "zeros")
+      if config.norm == "layer"
+      else None
+    )
+
+  def __call__(self, x):
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    if self.kind == "rms":
+      x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.eps)
+    else:
+      mean = jnp.mean(x, -1, keepdims=True)
+      var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
+      x = (x - mean) * jax.lax.rsqrt(var + self.eps)
+    x = x * self.scale[...].astype(jnp.float32)
+    if self.bias is not None:
+      x = x + self.bias[...].astype(jnp.float32)
+    return x.astype(dtype)
+
+
+def _rms(x, scale, eps):
+  """Per-head RMSNorm (QK-norm) in float32."""
+  dtype = x.dtype
+  x = x.astype(jnp.float32)
+  x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps)
+  return (x * scale.astype(jnp.float32)).astype(dtype)
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
+  """float32 ``[rotary_dim / 2]`` inverse frequencies, scaling applied.
+
+  ``theta^(-2i/d)`` for ``d = rotary_dim``; ``"linear"`` scaling divides by
+  ``factor``; ``"llama3"`` scaling divides low frequencies by ``factor`` and
+  interpolates the band between ``low_freq_factor`` and
+  ``high_freq_factor`` (Llama 3.1).
+  """
+  dim = config.rotary_dim
+  exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim
+  inv = (1.0 / (np.float32(config.rope_theta) ** exponent)).astype(np.float32)
+  scaling = config.rope_scaling
+  if scaling is None:
+    return inv
+  kind = scaling.get("rope_type", scaling.get("type", "default"))
+  if kind == "linear":
+    return (inv / np.float32(scaling["factor"])).astype(np.float32)
+  if kind == "llama3":
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+  return inv
+
+
+def _rope_tables(config: ModelConfig, positions):
+  """cos/sin ``[B, L, rotary_dim]`` (the half table repeated twice)."""
+  inv = jnp.asarray(rope_inverse_frequencies(config))
+  freqs = positions.astype(jnp.float32)[..., None] * inv
+  freqs = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(freqs), jnp.sin(freqs)
+
+
+def _apply_rope(x, cos, sin):
+  """Rotates the first ``rotary_dim`` dims of ``x`` [B, L, heads, N]."""
+  rot = cos.shape[-1]
+  dtype = x.dtype
+  x_rot = x[..., :rot].astype(jnp.float32)
+  half = rot // 2
+  rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], -1)
+  out = x_rot * cos[:, :, None] + rotated * sin[:, :, None]
+  out = out.astype(dtype)
+  if rot == x.shape[-1]:
+    return out
+  return jnp.concatenate([out, x[..., rot:]], axis=-1)
+
+
+class Attention(nnx.Module):
+  """Causal grouped-query self-attention with an optional KV cache."""
+
+  def __init__(self, config: ModelConfig, *, keys: KeySeq):
+    c = config
+    d, h, kv, n = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
+    self.config = c
+    self.q_kernel = _param(keys, c, (d, h, n), ("embed", "heads", "kv"))
+    self.k_kernel = _param(keys, c, (d, kv, n), ("embed", "kv_heads", "kv"))
+    self.v_kernel = _param(keys, c, (d, kv, n), ("embed", "kv_heads", "kv"))
+    self.o_kernel = _param(keys, c, (h, n, d), ("heads", "kv", "embed"))
+    if c.qkv_bias:
+      self.q_bias = _param(keys, c, (h, n), ("heads", "kv"), "zeros")
+      self.k_bias = _param(keys, c, (kv, n), ("kv_heads", "kv"), "zeros")
+      self.v_bias = _param(keys, c, (kv, n), ("kv_heads", "kv"), "zeros")
+    if c.attn_out_bias:
+      self.o_bias = _param(keys, c, (d,), ("embed",), "zeros")
+    if c.qk_norm:
+      self.q_norm = _param(keys, c, (n,), ("kv",), "ones")
+      self.k_norm = _param(keys, c, (n,), ("kv",), "ones")
+
+  def __call__(self, x, cos, sin, allowed, cache=None):
+    """Attention for ``x`` [B, L, D].
+
+    Args:
+      x: normed input.
+      cos: RoPE table [B, L, rotary_dim] (None for learned positions).
+      sin: same.
+      allowed: bool [B, L, S]: query i may attend key j.
+      cache: None, or ``(k_all, v_all, layer, slots)``: the stacked cache
+        buffers ``[n_layers, B, S, KV, N]``, this block's layer index and
+        the ``[B, L]`` slots the new keys/values are written to.
+
+    Returns:
+      ``(out [B, L, D], (k_all, v_all) updated, or None)``.
+    """
+    c = self.config
+    dtype = jnp.dtype(c.dtype)
+    w = lambda p: p[...].astype(dtype)  # noqa: E731
+    q = jnp.einsum("bld,dhn->blhn", x, w(self.q_kernel))
+    k = jnp.einsum("bld,dhn->blhn", x, w(self.k_kernel))
+    v = jnp.einsum("bld,dhn->blhn", x, w(self.v_kernel))
+    if c.qkv_bias:
+      q, k, v = q + w(self.q_bias), k + w(self.k_bias), v + w(self.v_bias)
+    if c.qk_norm:
+      q = _rms(q, self.q_norm[...], c.norm_eps)
+      k = _rms(k, self.k_norm[...], c.norm_eps)
+    if cos is not None:
+      q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+    q = constrain(q, ("batch", "length", "heads", "kv"))
+    k = constrain(k, ("batch", "length", "kv_heads", "kv"))
+    v = constrain(v, ("batch", "length", "kv_heads", "kv"))
+    new_kv = None
+    if cache is not None:
+      k_all, v_all, layer, slots = cache
+      rows = jnp.broadcast_to(jnp.arange(slots.shape[0])[:, None], slots.shape)
+      k_all = k_all.at[layer, rows, slots].set(k.astype(k_all.dtype))
+      v_all = v_all.at[layer, rows, slots].set(v.astype(v_all.dtype))
+      new_kv = (k_all, v_all)
+      k, v = k_all[layer].astype(dtype), v_all[layer].astype(dtype)
+    b, length = q.shape[:2]
+    group = c.n_heads // c.n_kv_heads
+    q = q.reshape(b, length, c.n_kv_heads, group, c.head_dim)
+    scores = jnp.einsum(
+      "blkgn,bskn->bkgls", q, k, preferred_element_type=jnp.float32
+    )
+    scores = scores * (c.head_dim**-0.5)
+    scores = jnp.where(allowed[:, None, None], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("bkgls,bskn->blkgn", probs, v)
+    out = out.reshape(b, length, c.n_heads, c.head_dim)
+    out = jnp.einsum("blhn,hnd->bld", out, w(self.o_kernel))
+    if c.attn_out_bias:
+      out = out + w(self.o_bias)
+    return out, new_kv
+
+
+_ACTIVATIONS = {
+  "swiglu": jax.nn.silu,
+  "silu": jax.nn.silu,
+  "geglu": lambda x: jax.nn.gelu(x, approximate=True),
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+  "relu": jax.nn.relu,
+}
+
+
+class Mlp(nnx.Module):
+  """Gated (SwiGLU/GeGLU) or plain two-layer MLP."""
+
+  def __init__(self, config: ModelConfig, *, keys: KeySeq):
+    c = config
+    d, f = c.d_model, c.d_ff
+    self.config = c
+    if c.gated:
+      self.gate_kernel = _param(keys, c, (d, f), ("embed", "mlp"))
+    self.up_kernel = _param(keys, c, (d, f), ("embed", "mlp"))
+    self.down_kernel = _param(keys, c, (f, d), ("mlp", "embed"))
+    if c.mlp_bias:
+      if c.gated:
+        self.gate_bias = _param(keys, c, (f,), ("mlp",), "zeros")
+      self.up_bias = _param(keys, c, (f,), ("mlp",), "zeros")
+      self.down_bias = _param(keys, c, (d,), ("embed",), "zeros")
+
+  def __call__(self, x):
+    c = self.config
+    dtype = jnp.dtype(c.dtype)
+    w = lambda p: p[...].astype(dtype)  # noqa: E731
+    act = _ACTIVATIONS[c.activation]
+    up = x @ w(self.up_kernel)
+    if c.mlp_bias:
+      up = up + w(self.up_bias)
+    if c.gated:
+      gate = x @ w(self.gate_kernel)
+      if c.mlp_bias:
+        gate = gate + w(self.gate_bias)
+      hidden = act(gate) * up
+    else:
+      hidden = act(up)
+    hidden = constrain(hidden, ("batch", "length", "mlp"))
+    out = hidden @ w(self.down_kernel)
+    if c.mlp_bias:
+      out = out + w(self.down_bias)
+    return out
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block (sequential or parallel residual)."""
+
+  def __init__(self, config: ModelConfig, *, keys: KeySeq):
+    self.parallel = config.parallel_residual
+    self.attn_norm = Norm(config, config.d_model)
+    self.attn = Attention(config, keys=keys.child())
+    self.mlp_norm = Norm(config, config.d_model)
+    self.mlp = Mlp(config, keys=keys.child())
+
+  def __call__(self, x, cos, sin, allowed, cache=None):
+    attn, new_kv = self.attn(self.attn_norm(x), cos, sin, allowed, cache)
+    if self.parallel:
+      x = x + attn + self.mlp(self.mlp_norm(x))
+    else:
+      x = x + attn
+      x = x + self.mlp(self.mlp_norm(x))
+    return constrain(x, BATCH_LENGTH_EMBED), new_kv
+
+
+def _block_forward(block, x, cos, sin, allowed):
+  return block(x, cos, sin, allowed)[0]
+
+
+def default_positions(attention_mask, segment_ids=None):
+  """Position ids: running count of real tokens, restarting per segment.
+
+  Args:
+    attention_mask: bool [B, L].
+    segment_ids: optional int [B, L]; a new segment starts wherever the id
+      changes.
+
+  Returns:
+    int32 [B, L]; padding positions get the last real position (>= 0).
+  """
+  m = attention_mask.astype(jnp.int32)
+  count = jnp.cumsum(m, axis=1)
+  if segment_ids is not None:
+    start = jnp.concatenate(
+      [
+        jnp.ones_like(segment_ids[:, :1], bool),
+        segment_ids[:, 1:] != segment_ids[:, :-1],
+      ],
+      axis=1,
+    )
+    idx = jnp.broadcast_to(jnp.arange(m.shape[1]), m.shape)
+    first = jax.lax.cummax(jnp.where(start, idx, 0), axis=1)
+    count = count - jnp.take_along_axis(count - m, first, axis=1)
+  return jnp.maximum(count - 1, 0).astype(jnp.int32)
+
+
+class Transformer(nnx.Module):
+  """Token embedding, ``n_layers`` blocks and the final norm.
+
+  ``__call__`` returns the final-normed hidden states ``[B, L, D]`` (plus
+  the updated cache when a cache is passed).
+  """
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    keys = KeySeq(rngs.params())
+    self.embedding = _param(
+      keys, config, (config.vocab_size, config.d_model), ("vocab", "embed")
+    )
+    if config.positions == "learned":
+      self.position_embedding = _param(
+        keys, config, (config.max_len, config.d_model), (None, "embed")
+      )
+    self.layers = nnx.List(
+      [Block(config, keys=keys.child()) for _ in range(config.n_layers)]
+    )
+    self.final_norm = Norm(config, config.d_model)
+
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+    """An empty `KVCache`; see :func:`init_cache`."""
+    return init_cache(self.config, batch, max_len, dtype)
+
+  def embed(self, tokens):
+    """Token embeddings ``[B, L, D]`` in the compute dtype."""
+    table = self.embedding[...].astype(jnp.dtype(self.config.dtype))
+    return jnp.take(table, tokens, axis=0)
+
+  @typechecked
+  def __call__(
+    self,
+    tokens: Int[In, "B L"],
+    *,
+    positions: Int[In, "B L"] | None = None,
+    attention_mask: Bool[In, "B L"] | None = None,
+    segment_ids: Int[In, "B L"] | None = None,
+    cache: KVCache | None = None,
+    decode: bool = False,
+  ) -> Float[Out, "B L D"] | tuple[Float[Out, "B L D"], KVCache]:
+    """Final-normed hidden states of ``tokens``.
+
+    Args:
+      tokens: token ids.
+      positions: position ids; default: running count of real tokens
+        (continuing from the cache's last position when decoding).
+      attention_mask: True on real tokens; False keys are never attended
+        to. Default: all True.
+      segment_ids: packed-sequence ids; tokens attend only within their
+        segment. Not supported with a cache.
+      cache: a `KVCache` to write this chunk into (prefill or decode).
+      decode: must be True only together with ``cache`` (kept for clarity
+        at call sites: ``model(tok, cache=c, decode=True)``).
+
+    Returns:
+      ``[B, L, D]`` hidden states in ``config.dtype`` or, with a cache,
+      ``(hidden, new_cache)``.
+    """
+    c = self.config
+    if decode and cache is None:
+      raise ValueError("decode=True needs a cache (model.init_cache(...)).")
+    if cache is not None and segment_ids is not None:
+      raise ValueError("segment_ids are not supported with a KV cache.")
+    tokens = jnp.asarray(tokens)
+    b, length = tokens.shape
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, length), bool)
+    attention_mask = jnp.asarray(attention_mask)
+    if segment_ids is not None:
+      segment_ids = jnp.asarray(segment_ids)
+    if positions is None:
+      positions = default_positions(attention_mask, segment_ids)
+      if cache is not None:
+        positions = (
+          positions + (jnp.max(cache.key_positions, axis=1) + 1)[:, None]
+        )
+    positions = jnp.asarray(positions, jnp.int32)
+
+    x = self.embed(tokens)
+    if c.positions == "learned":
+      table = self.position_embedding[...].astype(x.dtype)
+      x = x + jnp.take(table, positions, axis=0)
+      cos = sin = None
+    else:
+      cos, sin = _rope_tables(c, positions)
+    x = constrain(x, BATCH_LENGTH_EMBED)
+
+    if cache is None:
+      q_idx = jnp.arange(length)
+      allowed = q_idx[None, :, None] >= q_idx[None, None, :]
+      allowed = allowed & attention_mask[:, None, :]
+      if segment_ids is not None:
+        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None])
+      key_positions = positions
+    else:
+      q_slot = cache.index[:, None] + jnp.arange(length)[None]
+      rows = jnp.broadcast_to(jnp.arange(b)[:, None], q_slot.shape)
+      new_key_positions = cache.key_positions.at[rows, q_slot].set(
+        jnp.where(attention_mask, positions, -1)
+      )
+      k_slot = jnp.arange(cache.key_positions.shape[1])
+      allowed = (k_slot[None, None, :] <= q_slot[:, :, None]) & (
+        new_key_positions[:, None, :] >= 0
+      )
+      key_positions = new_key_positions
+    if c.sliding_window is not None:
+      allowed = allowed & (
+        positions[:, :, None] - key_positions[:, None, :] < c.sliding_window
+      )
+
+    if cache is not None:
+      k_all, v_all = cache.k, cache.v
+      slots = cache.index[:, None] + jnp.arange(length)[None]
+    for i, block in enumerate(self.layers):
+      if cache is not None:
+        x, (k_all, v_all) = block(
+          x, cos, sin, allowed, (k_all, v_all, i, slots)
+        )
+      elif c.remat:
+        x = nnx.remat(_block_forward)(block, x, cos, sin, allowed)
+      else:
+        x = block(x, cos, sin, allowed)[0]
+    x = self.final_norm(x)
+    if cache is None:
+      return x
+    new_cache = KVCache(
+      k=k_all,
+      v=v_all,
+      key_positions=new_key_positions,
+      index=cache.index + length,
+    )
+    return x, new_cache
+
+
+class CausalLM(nnx.Module):
+  """`Transformer` plus an (optionally tied) unembedding.
+
+  Trainers use :meth:`hidden` and :meth:`unembedding` with the fused
+  log-prob kernel (``alignment.ops.fused_token_logps``) so the ``[B, L, V]``
+  logits are never materialised; ``__call__`` returns full logits for
+  sampling and tests.
+  """
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.transformer = Transformer(config, rngs=rngs)
+    if not config.tie_embeddings:
+      self.lm_head = _param(
+        KeySeq(rngs.params()),
+        config,
+        (config.d_model, config.vocab_size),
+        ("embed", "vocab"),
+      )
+
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+    """An empty `KVCache`; see :func:`init_cache`."""
+    return init_cache(self.config, batch, max_len, dtype)
+
+  def hidden(self, tokens, **kwargs):
+    """Final-normed hidden states ``[B, L, D]``; same kwargs as
+    `Transformer.__call__` (with a cache: ``(hidden, new_cache)``)."""
+    return self.transformer(tokens, **kwargs)
+
+  def unembedding(self) -> Float[Out, "D V"]:
+    """The ``[D, V]`` output matrix in the compute dtype (tied: the
+    transposed token embedding)."""
+    dtype = jnp.dtype(self.config.dtype)
+    if self.config.tie_embeddings:
+      return self.transformer.embedding[...].astype(dtype).T
+    return self.lm_head[...].astype(dtype)
+
+  def logits(self, hidden: Float[In, "B L D"]) -> Float[Out, "B L V"]:
+    """float32 logits ``hidden @ unembedding()``."""
+    out = jnp.einsum(
+      "bld,dv->blv",
+      hidden,
+      self.unembedding(),
+      preferred_element_type=jnp.float32,
+    )
+    return constrain(out, ("batch", "length", "vocab"))
+
+  def __call__(self, tokens, **kwargs):
+    """float32 logits ``[B, L, V]`` (with a cache: ``(logits, cache)``).
+
+    Args:
+      tokens: int ``[B, L]`` token ids.
+      **kwargs: ``positions``, ``attention_mask``, ``segment_ids``,
+        ``cache``, ``decode`` as in `Transformer.__call__`.
+    """
+    out = self.hidden(tokens, **kwargs)
+    if isinstance(out, tuple):
+      return self.logits(out[0]), out[1]
+    return self.logits(out)
