@@ -70,8 +70,8 @@ def _prepare(rewards, values, completion_mask, bootstrap_values):
   v = None
   if values is not None:
     v = jnp.where(mask, jnp.asarray(values, jnp.float32), 0.0)
-  if bootstrap_values is None:
-    boot = jnp.zeros(mask.shape[:1], jnp.float32)
+  if bootstrap_values is None:  # zeros_like keeps shard_map's varying axes
+    boot = jnp.zeros_like(r[:, 0])
   else:
     boot = jnp.asarray(bootstrap_values, jnp.float32)
   r, v, boot = jax.lax.stop_gradient((r, v, boot))

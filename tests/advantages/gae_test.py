@@ -180,13 +180,12 @@ class GAETest(parameterized.TestCase):
 
   def test_dtypes_shapes_and_errors(self):
     r, v, m, boot = _batch(4)
-    out = _gae.generalized_advantage_estimation(
-      r.astype(jnp.bfloat16), v.astype(jnp.bfloat16), m
-    )
+    bf16 = [x.astype(jnp.bfloat16) for x in (r, v)]
+    out = jax.eval_shape(_gae.generalized_advantage_estimation, *bf16, m)
     self.assertEqual(out.advantages.dtype, jnp.float32)
-    self.assertEqual(
-      _gae.discounted_returns(r.astype(jnp.bfloat16), m).dtype, jnp.float32
-    )
+    self.assertEqual(out.returns.dtype, jnp.float32)
+    out = jax.eval_shape(_gae.discounted_returns, bf16[0], m)
+    self.assertEqual(out.dtype, jnp.float32)
     with self.assertRaises(jaxtyping.TypeCheckError):
       _gae.generalized_advantage_estimation(r[0], v[0], m[0])
     with self.assertRaises(jaxtyping.TypeCheckError):
