@@ -178,3 +178,64 @@ def registry_names(kind: str) -> list[str]:
            "policy": losses.POLICY_LOSSES,
            "advantage": advantages.REGISTRY}
   return sorted(table[kind])
+
+
+def data(source: str = "synthetic", **kw) -> ml_collections.ConfigDict:
+  """The ``config.data`` block read by ``alignment.data`` iterators."""
+  block = ml_collections.ConfigDict()
+  block.source = source
+  block.path = ""
+  block.split = "train"
+  block.data_dir = ""
+  block.max_prompt_len = 16
+  block.max_completion_len = 16
+  block.shuffle = True
+  block.num_epochs = ml_collections.FieldReference(None, field_type=int)
+  block.on_error = "raise"
+  block.padding = "max"
+  block.field_map = ml_collections.ConfigDict()
+  block.num_examples = 2048
+  block.task_seed = 0
+  block.task = ml_collections.ConfigDict(dict(
+      n_prompt_letters=5, completion_len=8, p_in=0.3, label_temperature=0.1))
+  block.update(kw)
+  return block
+
+
+def base(trainer: str, *, total_steps: int, batch_size: int,
+         learning_rate: float, model_preset: str = "small"
+         ) -> ml_collections.ConfigDict:
+  """Fields every trainer config has (steps, batch, model, optimiser, mesh,
+  rules, checkpoints, logging)."""
+  config = ml_collections.ConfigDict()
+  config.trainer = trainer
+  config.seed = 0
+  config.total_steps = ml_collections.FieldReference(total_steps)
+  config.batch_size = batch_size
+  config.microbatches = 1
+  config.tokenizer = "byte"
+  config.model = model(model_preset)
+  config.optimizer = optimizer(learning_rate, config.get_ref("total_steps"))
+  config.mesh = [list(axis) for axis in DEFAULT_MESH]
+  config.logical_axis_rules = [list(rule) for rule in DEFAULT_RULES]
+  config.checkpoint = ml_collections.ConfigDict(dict(
+      enabled=True, every=200, keep=2, async_save=True))
+  config.log_every = 1
+  config.progress = True
+  config.logps_chunk_size = 2048
+  config.export_hf = False
+  return config
+
+
+def runlocal(config: ml_collections.ConfigDict, *, steps: int = 2,
+             batch_size: int = 8) -> ml_collections.ConfigDict:
+  """Shrinks a config for a CPU smoke run (tiny model, few steps)."""
+  config.total_steps = steps
+  config.batch_size = batch_size
+  config.model = model("tiny")
+  config.checkpoint.every = 0
+  if "data" in config:
+    config.data.max_prompt_len = 8
+    config.data.max_completion_len = 9
+    config.data.num_examples = 64
+  return config

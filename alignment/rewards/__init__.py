@@ -2,8 +2,10 @@
 
 from alignment.rewards import _ensemble
 from alignment.rewards import _shaping
+from alignment.rewards import _verifiers
 from alignment.rewards._ensemble import *  # noqa: F403
 from alignment.rewards._shaping import *  # noqa: F403
+from alignment.rewards._verifiers import *  # noqa: F403
 
 SHAPING = dict(_shaping.REGISTRY)
 """Reward transformations by config name (``config.reward.shaping``)."""

@@ -1,0 +1,53 @@
+"""Supervised fine-tuning: token-mean NLL on completion tokens."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from alignment import ops
+from alignment.trainers import _data
+from alignment.trainers import _lm
+from alignment.trainers import _setup
+from alignment.trainers import common
+
+
+def make_loss_fn(graphdef, rest, *, chunk_size: int):
+  """``loss_fn(params, frozen, batch, rng)``: NLL of completion tokens."""
+
+  def loss_fn(params, frozen, batch, rng):
+    del frozen, rng
+    model = nnx.merge(graphdef, params, rest)
+    token_logps, mask = _lm.completion_token_logps(
+        model, batch.tokens, batch.attention_mask, batch.completion_mask,
+        chunk_size=chunk_size, segment_ids=getattr(batch, "segment_ids",
+                                                   None))
+    mask = jnp.logical_and(mask, batch.example_mask[:, None])
+    wm = ops.aggregate_token_loss(-token_logps, mask, mode="token_mean")
+    return wm, {"nll": wm.value(),
+                "token_accuracy_proxy": jnp.exp(-wm.value())}
+
+  return loss_fn
+
+
+def run(config: ml_collections.ConfigDict, workdir: str):
+  """Trains ``config.total_steps`` SFT steps; returns the final params."""
+  tokenizer = _data.tokenizer_of(config)
+  run_ = _setup.setup_run(config, workdir, kind="causal_lm",
+                          total_steps=config.total_steps)
+  batches = _data.iterator(config, "sft", tokenizer, run_)
+  loss_fn = make_loss_fn(run_.model.graphdef, run_.model.rest,
+                         chunk_size=config.get("logps_chunk_size", 2048))
+  step = common.make_train_step(loss_fn, run_.tx,
+                                num_microbatches=config.get("microbatches", 1))
+  jitted = jax.jit(step, out_shardings=(run_.state_shardings, None),
+                   donate_argnums=(0,))
+  state, history = common.train_loop(
+      step_fn=jitted, state=run_.state, frozen=None,
+      batches=_data.device_batches(batches, run_), total_steps=
+      config.total_steps, workdir=run_.workdir,
+      checkpointer=run_.checkpointer, name="sft",
+      log_every=config.get("log_every", 1), data_state_fn=batches.get_state,
+      progress=config.get("progress", True), console_keys=("loss",))
+  _setup.finish(run_, state, history, kind="causal_lm", name="sft")
+  return state, run_
