@@ -453,6 +453,35 @@ class ContractTest(parameterized.TestCase):
     testing.assert_sharded_equals_unsharded(
       all_losses, args, rtol=1e-5, atol=1e-6
     )
+    # Inside shard_map the batch statistics psum over axis_name.
+    mesh = testing.data_mesh(8)
+    spec = jax.sharding.PartitionSpec("data")
+
+    def local_stats(pkl, rkl, rewards, mask):
+      z0 = rf.kto_reference_point(pkl, rkl, mask, axis_name="data")
+      shift, count = rf.bco_reward_shift_update(
+        0.5, 3.0, rewards, mask, axis_name="data"
+      )
+      return z0, shift, count
+
+    mask = np.arange(B) != 3
+    rewards = np.float32(0.1) * (POL - REF)
+    got = jax.jit(
+      jax.shard_map(
+        local_stats,
+        mesh=mesh,
+        in_specs=(spec,) * 4,
+        out_specs=jax.sharding.PartitionSpec(),
+      )
+    )(pkl, rkl, rewards, mask)
+    want = jax.jit(
+      lambda *a: (
+        rf.kto_reference_point(*a[:2], a[3]),
+        *rf.bco_reward_shift_update(0.5, 3.0, a[2], a[3]),
+      )
+    )(pkl, rkl, rewards, mask)
+    for g, w in zip(got, want, strict=True):
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
     stacked = [np.stack([a, a[::-1]]) for a in args]
     batched = jax.jit(jax.vmap(all_losses))(*stacked)
     flipped = jax.jit(all_losses)(*[a[::-1] for a in args])
