@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Bool, Float, Real
 
-from alignment import ops
 from alignment.array_types import In, Out, typechecked
+from alignment.ops import KL_ESTIMATORS, kl_estimate, safe_divide
 
 __all__ = [
   "IS_LEVELS",
@@ -61,17 +61,16 @@ def _f32(x):
 
 
 def _check_estimator(fn_name, estimator):
-  if estimator not in ops.KL_ESTIMATORS:
+  if estimator not in KL_ESTIMATORS:
     raise ValueError(
-      f"{fn_name}: estimator must be one of {ops.KL_ESTIMATORS}, got "
-      f"{estimator!r}."
+      f"{fn_name}: estimator must be one of {KL_ESTIMATORS}, got {estimator!r}."
     )
 
 
 def _masked_kl(token_logps, ref_token_logps, mask, estimator):
   logps = jnp.where(mask, _f32(token_logps), 0.0)
   ref = jnp.where(mask, _f32(ref_token_logps), 0.0)
-  kl = ops.kl_estimate(logps, ref, estimator=estimator)
+  kl = kl_estimate(logps, ref, estimator=estimator)
   return jnp.where(mask, kl, 0.0)
 
 
@@ -117,7 +116,7 @@ def kl_penalty_loss(
     completion_mask: bool, True on completion tokens; padded positions (even
       NaN) affect neither value nor gradient.
     beta: KL coefficient β (DeepSeekMath's GRPO uses 0.04); must be >= 0.
-    estimator: one of :data:`alignment.ops.KL_ESTIMATORS`.
+    estimator: one of :data:`alignment.KL_ESTIMATORS`.
 
   Returns:
     ``(loss, aux)``: float32 ``[B, T]`` per-token penalty, 0 on padding, not
@@ -188,7 +187,7 @@ def kl_penalized_rewards(
     completion_mask: bool ``[B, T]``; rows may be right- or left-padded.
     beta: KL coefficient β (Stiennon et al. use 0.05; see
       :func:`adaptive_kl_update` for Ziegler's adaptive β); must be >= 0.
-    estimator: one of :data:`alignment.ops.KL_ESTIMATORS`.
+    estimator: one of :data:`alignment.KL_ESTIMATORS`.
 
   Returns:
     ``(token_rewards, aux)``: float32 ``[B, T]``, 0 on padding, and
@@ -320,7 +319,7 @@ def _level_log_ratio(
   total = jnp.sum(log_ratio, axis=-1, keepdims=True)
   if level == "geometric":
     count = jnp.sum(mask, axis=-1, keepdims=True, dtype=jnp.float32)
-    total = ops.safe_divide(total, count)
+    total = safe_divide(total, count)
   return jnp.where(mask, total, 0.0)
 
 
@@ -545,7 +544,7 @@ def off_policy_sequence_mask(
   sampler = jnp.where(mask, _f32(sampler_token_logps), 0.0)
   diff = jax.lax.stop_gradient(sampler - policy)
   count = jnp.sum(mask, axis=-1, dtype=jnp.float32)
-  sequence_kl = ops.safe_divide(jnp.sum(diff, axis=-1), count)
+  sequence_kl = safe_divide(jnp.sum(diff, axis=-1), count)
   advantages = jax.lax.stop_gradient(_f32(advantages))
   keep = (advantages >= 0) | (sequence_kl <= threshold)
   return keep, OffPolicyMaskAux(sequence_kl)

@@ -292,14 +292,14 @@ def whiten_rewards(
 def clip_rewards(
   rewards: Float[In, "*dims"],
   *,
-  low: float,
-  high: float,
+  low: float = -10.0,
+  high: float = 10.0,
 ) -> Float[Out, "*dims"]:
   """Clips rewards to ``[low, high]`` (fixed bounds).
 
   Args:
     rewards: rewards of any shape.
-    low: lower bound.
+    low: lower bound (OpenRLHF's default reward clip range is [-10, 10]).
     high: upper bound, >= ``low``.
 
   Returns:

@@ -244,6 +244,10 @@ class NormalisationTest(parameterized.TestCase):
   def test_bad_hyperparameters(self):
     with self.assertRaisesRegex(ValueError, "high"):
       sh.clip_rewards(self.x, low=1.0, high=0.0)
+    np.testing.assert_array_equal(
+      jax.jit(sh.clip_rewards)(np.array([-20.0, 3.0, 20.0], np.float32)),
+      [-10.0, 3.0, 10.0],
+    )
     with self.assertRaisesRegex(ValueError, "num_std"):
       sh.std_clip_rewards(self.x, num_std=-1.0)
     with self.assertRaisesRegex(ValueError, "epsilon"):
