@@ -463,6 +463,14 @@ class CombiningTest(parameterized.TestCase):
       final,
     )
     np.testing.assert_array_equal(dirty, shaped)
+    # Left-padded rows give the same per-step shaping, shifted.
+    shift = [5 - k for k in n]
+    roll = lambda a: np.stack([np.roll(a[b], shift[b]) for b in range(4)])
+    unroll = lambda a: np.stack([np.roll(a[b], -shift[b]) for b in range(4)])
+    _, left = fn(roll(self.steps), roll(phi), roll(self.mask), final)
+    np.testing.assert_allclose(
+      unroll(np.asarray(left.shaping)), aux.shaping, rtol=1e-6, atol=1e-6
+    )
     with self.assertRaisesRegex(ValueError, "gamma"):
       sh.potential_based_shaping(self.steps, phi, self.mask, gamma=1.5)
 
