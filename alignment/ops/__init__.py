@@ -3,6 +3,9 @@
 Pure functions of arrays: no Flax, no configs.
 """
 
+from alignment.ops._fused import FUSED_DEFAULT_CHUNK_SIZE
+from alignment.ops._fused import FUSED_DEFAULT_VOCAB_CHUNK_SIZE
+from alignment.ops._fused import fused_token_logps
 from alignment.ops._kl import KL_ESTIMATORS
 from alignment.ops._kl import kl_estimate
 from alignment.ops._kl import kl_k1

@@ -72,6 +72,10 @@ def entropy_from_logits(logits: Float[In, "*B V"]) -> Float[Out, "*B"]:
     float32 entropy per position, in nats.
   """
   logits = jnp.asarray(logits, jnp.float32)
+  # Shift by the max first: with unshifted logits of size ~1e3 the rounding
+  # of sum(probs) - 1 times the logits swamps an O(1) entropy.
+  peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  logits = logits - jnp.where(jnp.isfinite(peak), peak, 0.0)
   lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
   probs = jnp.exp(logits - lse)
   finite = jnp.where(jnp.isfinite(logits), logits, 0.0)

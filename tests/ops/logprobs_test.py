@@ -148,6 +148,10 @@ class EntropyTest(absltest.TestCase):
     np.testing.assert_allclose(
       fn(np.zeros((3, 7), np.float32)), np.full(3, np.log(7)), rtol=1e-6
     )
+    # Logits of size ~1e3 (an untempered large-vocabulary head): the O(1)
+    # entropy must not drown in the rounding of the O(1e3) terms.
+    wide, _ = _inputs(scale=400.0)
+    np.testing.assert_allclose(fn(wide), _np_entropy(wide), atol=5e-5)
     peaked = np.array([[0.0, 200.0, 0.0]], np.float32)
     np.testing.assert_allclose(fn(peaked), [0.0], atol=1e-6)
 

@@ -1,0 +1,319 @@
+"""Fused LM head + log-softmax: per-token log-probs without ``[B, T, V]``.
+
+``fused_token_logps(hidden, unembedding, targets)`` equals
+``token_logps(hidden @ unembedding / temperature, targets)`` but never holds
+the ``[B, T, V]`` logits, in the forward pass or in the backward pass. The
+``B·T`` rows are cut into chunks of ``chunk_size`` rows and the vocabulary
+into chunks of ``vocab_chunk_size`` columns; each ``[chunk, vocab_chunk]``
+tile of logits is computed, reduced (online log-sum-exp) and dropped. The
+backward pass (a ``jax.custom_vjp``) recomputes each tile from the saved
+per-row log-sum-exp and accumulates the gradients of the hidden states and of
+the unembedding tile by tile. Peak extra memory is a few tiles plus one
+``[D, V]`` float32 gradient accumulator, instead of several ``[B, T, V]``
+arrays; the price is one extra ``[B·T, D] x [D, V]`` matmul (the recompute).
+
+References:
+  Wijmans et al., `Cut Your Losses in Large-Vocabulary Language Models
+  <https://arxiv.org/abs/2411.09009>`_, 2024 (the same idea as a Triton
+  kernel); Hsu et al., `Liger Kernel <https://arxiv.org/abs/2410.10989>`_,
+  2024 (chunked fused linear cross-entropy).
+"""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Float, Int
+
+from alignment.array_types import In, Out, typechecked
+
+__all__ = [
+  "fused_token_logps",
+  "FUSED_DEFAULT_CHUNK_SIZE",
+  "FUSED_DEFAULT_VOCAB_CHUNK_SIZE",
+]
+
+FUSED_DEFAULT_CHUNK_SIZE = 1024
+"""Default rows (tokens) per tile; see ``bench/logprobs.py``."""
+
+FUSED_DEFAULT_VOCAB_CHUNK_SIZE = 4096
+"""Default vocabulary columns per tile; see ``bench/logprobs.py``."""
+
+
+class _Static(NamedTuple):
+  """Hashable static configuration of the kernel."""
+
+  chunk: int  # rows per tile
+  vocab_chunk: int  # columns per full tile (<= V)
+  inv_temperature: float
+  with_entropy: bool
+
+
+def _dot(a, b, contract):
+  """``a · b`` contracting dims ``contract``, float32 accumulation."""
+  return jax.lax.dot_general(
+    a, b, (contract, ((), ())), preferred_element_type=jnp.float32
+  )
+
+
+def _tile_logits(h_c, w_v, st: _Static):
+  """``[C, D] x [D, Vc] -> [C, Vc]`` float32 logits divided by temperature."""
+  z = _dot(h_c, w_v, ((1,), (0,)))
+  if st.inv_temperature != 1.0:
+    z = z * st.inv_temperature
+  return z
+
+
+def _vocab_tiles(vocab: int, vocab_chunk: int):
+  """Number of full vocabulary tiles and the width of the tail tile."""
+  return vocab // vocab_chunk, vocab % vocab_chunk
+
+
+# Forward: per row chunk, an online log-sum-exp over vocabulary tiles. Per
+# row: running max m, s = Σ exp(z - m), u = Σ exp(z - m) (z - m) (entropy
+# only; relative to m so that no O(|z|) terms cancel) and the target's logit.
+# Then lse = m + log s and H = lse - Σ p z = log s - u / s.
+
+
+def _tile_stats(z, t_c, col0, with_entropy):
+  """Stats of one tile on its own (the first tile of a row chunk)."""
+  cols = col0 + jax.lax.broadcasted_iota(jnp.int32, z.shape, 1)
+  picked = jnp.sum(jnp.where(cols == t_c[:, None], z, 0.0), axis=1)
+  m = jnp.max(z, axis=1)
+  shifted = z - m[:, None]
+  e = jnp.exp(shifted)
+  u = jnp.sum(e * shifted, axis=1) if with_entropy else jnp.zeros_like(m)
+  return m, jnp.sum(e, axis=1), u, picked
+
+
+def _fwd_tile(stats, h_c, w_v, t_c, col0, st: _Static):
+  """Folds one ``[C, Vc]`` tile into the running per-row stats."""
+  z = _tile_logits(h_c, w_v, st)
+  m1, s1, u1, p1 = _tile_stats(z, t_c, col0, st.with_entropy)
+  if stats is None:
+    return m1, s1, u1, p1
+  m0, s0, u0, p0 = stats
+  m = jnp.maximum(m0, m1)
+  r0, r1 = jnp.exp(m0 - m), jnp.exp(m1 - m)
+  # u relative to the new max: Σ e (z - m) = r (u_old + (m_old - m) s_old).
+  u = r0 * (u0 + (m0 - m) * s0) + r1 * (u1 + (m1 - m) * s1)
+  return m, r0 * s0 + r1 * s1, u, p0 + p1
+
+
+def _fwd_rows(h_c, w, t_c, st: _Static):
+  """Log-sum-exp, target logit and entropy of one row chunk ``[C]``."""
+  vocab = w.shape[1]
+  n_full, tail = _vocab_tiles(vocab, st.vocab_chunk)
+
+  def body(v, stats):
+    col0 = v * st.vocab_chunk
+    w_v = jax.lax.dynamic_slice_in_dim(w, col0, st.vocab_chunk, axis=1)
+    return _fwd_tile(stats, h_c, w_v, t_c, col0, st)
+
+  stats = _fwd_tile(None, h_c, w[:, : st.vocab_chunk], t_c, 0, st)
+  if n_full > 1:
+    stats = jax.lax.fori_loop(1, n_full, body, stats)
+  if tail:
+    col0 = n_full * st.vocab_chunk
+    stats = _fwd_tile(stats, h_c, w[:, col0:], t_c, col0, st)
+  m, s, u, picked = stats
+  log_s = jnp.log(s)
+  entropy = log_s - u / s if st.with_entropy else jnp.zeros_like(s)
+  return m + log_s, picked, entropy
+
+
+def _forward(h, w, t, st: _Static):
+  """Row-chunked forward. ``h: [n, C, D]``, ``t: [n, C]`` -> ``[n, C]`` x3."""
+  if h.shape[0] == 1:
+    return jax.tree.map(lambda x: x[None], _fwd_rows(h[0], w, t[0], st))
+  return jax.lax.map(lambda xs: _fwd_rows(xs[0], w, xs[1], st), (h, t))
+
+
+# Backward: vocabulary tiles outer, row chunks inner. For a tile with logits
+# z, p = exp(z - lse) and log p = z - lse,
+#   d logp / dz = onehot(target) - p,
+#   d H / dz    = -p (log p + H),
+# so each tile's dz needs only per-row quantities saved by the forward pass.
+
+
+def _bwd_tile(h_c, w_v, t_c, lse_c, ent_c, g_c, gent_c, col0, st: _Static):
+  """Returns ``dz / temperature`` for one ``[C, Vc]`` tile (float32)."""
+  z = _tile_logits(h_c, w_v, st)
+  log_p = z - lse_c[:, None]
+  p = jnp.exp(log_p)
+  cols = col0 + jax.lax.broadcasted_iota(jnp.int32, z.shape, 1)
+  dz = jnp.where(cols == t_c[:, None], g_c[:, None], 0.0) - g_c[:, None] * p
+  if st.with_entropy:
+    dz = dz - gent_c[:, None] * p * (log_p + ent_c[:, None])
+  if st.inv_temperature != 1.0:
+    dz = dz * st.inv_temperature
+  return dz
+
+
+def _bwd_vocab_tile(dh, h, w_v, t, lse, ent, g, gent, col0, st: _Static):
+  """Adds one vocabulary tile's contribution to ``dh``; returns ``dw_v``."""
+  compute_dtype = w_v.dtype
+
+  def rows(dw_v, xs):
+    dh_c, h_c, t_c, lse_c, ent_c, g_c, gent_c = xs
+    dz = _bwd_tile(h_c, w_v, t_c, lse_c, ent_c, g_c, gent_c, col0, st)
+    dz = dz.astype(compute_dtype)
+    dh_c = dh_c + _dot(dz, w_v, ((1,), (1,)))
+    dw_v = dw_v + _dot(h_c, dz, ((0,), (0,)))
+    return dw_v, dh_c
+
+  dw_v = jnp.zeros(w_v.shape, jnp.float32)
+  xs = (dh, h, t, lse, ent, g, gent)
+  if h.shape[0] == 1:
+    dw_v, dh_c = rows(dw_v, jax.tree.map(lambda x: x[0], xs))
+    return dh_c[None], dw_v
+  dw_v, dh = jax.lax.scan(rows, dw_v, xs)
+  return dh, dw_v
+
+
+def _backward(h, w, t, lse, ent, g, gent, st: _Static):
+  vocab = w.shape[1]
+  n_full, tail = _vocab_tiles(vocab, st.vocab_chunk)
+  dh = jnp.zeros(h.shape, jnp.float32)
+  args = (t, lse, ent, g, gent)
+  if n_full == 1:
+    dh, dw = _bwd_vocab_tile(dh, h, w[:, : st.vocab_chunk], *args, 0, st)
+  else:
+    dw = jnp.zeros((w.shape[0], n_full * st.vocab_chunk), jnp.float32)
+
+    def body(v, carry):
+      dh, dw = carry
+      col0 = v * st.vocab_chunk
+      w_v = jax.lax.dynamic_slice_in_dim(w, col0, st.vocab_chunk, axis=1)
+      dh, dw_v = _bwd_vocab_tile(dh, h, w_v, *args, col0, st)
+      return dh, jax.lax.dynamic_update_slice_in_dim(dw, dw_v, col0, axis=1)
+
+    dh, dw = jax.lax.fori_loop(0, n_full, body, (dh, dw))
+  if tail:
+    col0 = n_full * st.vocab_chunk
+    dh, dw_tail = _bwd_vocab_tile(dh, h, w[:, col0:], *args, col0, st)
+    dw = jnp.concatenate([dw, dw_tail], axis=1)
+  return dh, dw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fused(h, w, t, st: _Static):
+  lse, picked, entropy = _forward(h, w, t, st)
+  return picked - lse, entropy
+
+
+def _fused_fwd(h, w, t, st: _Static):
+  lse, picked, entropy = _forward(h, w, t, st)
+  return (picked - lse, entropy), (h, w, t, lse, entropy)
+
+
+def _fused_bwd(st: _Static, residuals, cotangents):
+  h, w, t, lse, entropy = residuals
+  g, gent = cotangents
+  g = jnp.asarray(g, jnp.float32)
+  gent = jnp.asarray(gent, jnp.float32)
+  dh, dw = _backward(h, w, t, lse, entropy, g, gent, st)
+  return dh.astype(h.dtype), dw.astype(w.dtype), None
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+@typechecked
+def fused_token_logps(
+  hidden: Float[In, "B T D"],
+  unembedding: Float[In, "D V"],
+  targets: Int[In, "B T"],
+  *,
+  chunk_size: int = FUSED_DEFAULT_CHUNK_SIZE,
+  vocab_chunk_size: int | None = FUSED_DEFAULT_VOCAB_CHUNK_SIZE,
+  temperature: float = 1.0,
+  return_entropy: bool = False,
+) -> Float[Out, "B T"] | tuple[Float[Out, "B T"], Float[Out, "B T"]]:
+  r"""Per-token log-probs of ``targets`` under ``softmax(hidden @ W / τ)``.
+
+  .. math::
+    z_{bt} = h_{bt} W / \tau, \quad
+    \log p_{bt} = z_{bt, y_{bt}} - \log\textstyle\sum_v \exp z_{bt, v}, \quad
+    H_{bt} = -\textstyle\sum_v p_{bt,v} \log p_{bt,v}
+
+  Same values and gradients (w.r.t. ``hidden`` and ``unembedding``) as
+  ``token_logps(hidden @ unembedding / temperature, targets)``, without ever
+  materialising the ``[B, T, V]`` logits: rows are processed in chunks of
+  ``chunk_size`` tokens (``B·T`` flattened and zero-padded to a multiple) and
+  the vocabulary in tiles of ``vocab_chunk_size`` with an online
+  log-sum-exp. The backward pass recomputes each tile's logits. Padded rows
+  are finite and dropped. Masking is the caller's job (apply the completion
+  mask to the result); NaN in ``hidden`` rows is *not* inert here, since
+  those rows enter the ``unembedding`` gradient as in the unfused product.
+
+  The matmuls run in the inputs' dtype (promoted, so bf16 stays bf16 on
+  accelerators) with float32 accumulation; everything after them is float32.
+
+  Args:
+    hidden: final hidden states ``[B, T, D]`` aligned with ``targets`` (for
+      next-token prediction pass ``h[:, :-1]`` and ``tokens[:, 1:]``).
+    unembedding: the LM-head matrix ``[D, V]`` (transpose a tied embedding
+      table ``[V, D]`` yourself).
+    targets: integer token ids in ``[0, V)``.
+    chunk_size: rows (tokens) per tile, >= 1; ``B·T`` is padded to a
+      multiple of ``min(chunk_size, B·T)``.
+    vocab_chunk_size: vocabulary columns per tile, >= 1, or ``None`` for the
+      whole vocabulary in each tile. The last tile may be narrower.
+    temperature: τ > 0, divides the logits (sampling temperature, so that
+      the log-probs match the sampler's).
+    return_entropy: also return the entropy of each position's
+      distribution (differentiable, for entropy bonuses).
+
+  Returns:
+    float32 log-probs ``[B, T]``, not masked; with ``return_entropy`` a
+    tuple ``(logps, entropy)``, both float32 ``[B, T]``, entropy in nats.
+
+  References:
+    Wijmans et al., `Cut Your Losses in Large-Vocabulary Language Models
+    <https://arxiv.org/abs/2411.09009>`_, 2024.
+  """
+  if chunk_size < 1:
+    raise ValueError(
+      f"fused_token_logps: chunk_size must be >= 1, got {chunk_size}."
+    )
+  if vocab_chunk_size is not None and vocab_chunk_size < 1:
+    raise ValueError(
+      "fused_token_logps: vocab_chunk_size must be >= 1 or "
+      f"None, got {vocab_chunk_size}."
+    )
+  if not temperature > 0:
+    raise ValueError(
+      f"fused_token_logps: temperature must be > 0, got {temperature}."
+    )
+  batch, length, width = hidden.shape
+  vocab = unembedding.shape[1]
+  hidden = jnp.asarray(hidden)
+  unembedding = jnp.asarray(unembedding)
+  dtype = jnp.promote_types(hidden.dtype, unembedding.dtype)
+  rows = batch * length
+  chunk = max(1, min(chunk_size, rows))
+  n_chunks = -(-rows // chunk)
+  pad = n_chunks * chunk - rows
+  h = hidden.astype(dtype).reshape(rows, width)
+  t = jnp.asarray(targets, jnp.int32).reshape(rows)
+  if pad:
+    h = jnp.pad(h, ((0, pad), (0, 0)))
+    t = jnp.pad(t, (0, pad))
+  vocab_chunk = (
+    vocab if vocab_chunk_size is None else min(vocab_chunk_size, vocab)
+  )
+  st = _Static(
+    chunk, vocab_chunk, 1.0 / float(temperature), bool(return_entropy)
+  )
+  logps, entropy = _fused(
+    h.reshape(n_chunks, chunk, width),
+    unembedding.astype(dtype),
+    t.reshape(n_chunks, chunk),
+    st,
+  )
+  logps = logps.reshape(-1)[:rows].reshape(batch, length)
+  if not return_entropy:
+    return logps
+  return logps, entropy.reshape(-1)[:rows].reshape(batch, length)
