@@ -1,0 +1,182 @@
+"""Jitted autoregressive sampling with a KV cache.
+
+Prefill writes the (left-padded) prompts into the cache in one forward; a
+``lax.while_loop`` then decodes one token per step for every row, stopping
+early once every row has emitted EOS (or after ``max_new_tokens``). Rows are
+``[B·G]``, prompt-major (row ``b·G + g`` is sample ``g`` of prompt ``b``).
+
+Returned log-probs are those of the distribution actually sampled from
+(after temperature, top-k and top-p), i.e. the *sampler* log-probs that
+importance-sampling corrections compare with the trainer's. With top-k and
+top-p off they equal the trainer's teacher-forced log-probs at the same
+temperature (tested to 1e-5).
+"""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_NEG_INF = -1e30
+
+
+class SampleOutput(NamedTuple):
+  """Sampled completions, all with leading dimension ``N = B·G``.
+
+  Attributes:
+    prompt_tokens: ``[N, P]`` left-padded prompts (repeated G times).
+    prompt_mask: ``[N, P]`` True on real prompt tokens.
+    completion_tokens: ``[N, T]`` sampled ids, ``pad_id`` after EOS.
+    completion_mask: ``[N, T]`` True up to and including EOS.
+    token_logps: ``[N, T]`` float32 log-prob of each sampled token under the
+      sampling distribution; 0 where the mask is False.
+  """
+
+  prompt_tokens: jax.Array
+  prompt_mask: jax.Array
+  completion_tokens: jax.Array
+  completion_mask: jax.Array
+  token_logps: jax.Array
+
+
+def process_logits(logits, *, temperature: float, top_k: int, top_p: float):
+  """Temperature, then top-k, then top-p (nucleus) filtering, in float32."""
+  logits = logits.astype(jnp.float32) / temperature
+  vocab = logits.shape[-1]
+  if top_k and 0 < top_k < vocab:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, _NEG_INF, logits)
+  if top_p < 1.0:
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before
+    drop_sorted = before >= top_p  # always keeps the top token
+    drop = jnp.zeros_like(drop_sorted).at[
+        jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
+    logits = jnp.where(drop, _NEG_INF, logits)
+  return logits
+
+
+def _check(max_new_tokens, temperature, top_k, top_p, num_samples):
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+  if not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}.")
+  if top_k < 0:
+    raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}.")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+  if num_samples < 1:
+    raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+
+
+class Sampler:
+  """Samples completions from a causal LM given as ``(graphdef, rest)``.
+
+  Args:
+    graphdef, rest: the static graph and non-parameter state of an
+      ``alignment.models.CausalLM`` (``nnx.split(model, nnx.Param, ...)``).
+    max_new_tokens: completion length T (the loop may stop earlier).
+    eos_id: end-of-sequence id; sampling it ends the row.
+    pad_id: written after EOS.
+    cache_dtype: dtype of the KV cache (default: the model's compute dtype).
+  """
+
+  def __init__(self, graphdef, rest, *, max_new_tokens: int, eos_id: int,
+               pad_id: int, cache_dtype=None):
+    _check(max_new_tokens, 1.0, 0, 1.0, 1)
+    self.graphdef = graphdef
+    self.rest = rest
+    self.max_new_tokens = max_new_tokens
+    self.eos_id = int(eos_id)
+    self.pad_id = int(pad_id)
+    self.cache_dtype = cache_dtype
+    self._jitted = {}
+
+  def generate(self, params, prompt_tokens, prompt_mask, rng, *,
+               num_samples: int = 1, temperature: float = 1.0,
+               top_k: int = 0, top_p: float = 1.0,
+               greedy: bool = False) -> SampleOutput:
+    """Samples ``num_samples`` completions per prompt.
+
+    Args:
+      params: the model's ``nnx.Param`` state.
+      prompt_tokens: int ``[B, P]``, left-padded.
+      prompt_mask: bool ``[B, P]``, True on real prompt tokens; every row
+        needs at least one.
+      rng: a JAX PRNG key.
+      num_samples: G, samples per prompt.
+      temperature, top_k, top_p: the sampling distribution (top_k=0 and
+        top_p=1 disable those filters).
+      greedy: take the argmax (log-probs then are those of the
+        temperature-scaled distribution at the argmax token).
+
+    Returns:
+      :class:`SampleOutput` with ``N = B·G`` rows.
+    """
+    _check(self.max_new_tokens, temperature, top_k, top_p, num_samples)
+    key = (num_samples, float(temperature), int(top_k), float(top_p),
+           bool(greedy))
+    if key not in self._jitted:
+      self._jitted[key] = jax.jit(functools.partial(
+          self._generate, num_samples=num_samples, temperature=temperature,
+          top_k=top_k, top_p=top_p, greedy=greedy))
+    return self._jitted[key](params, jnp.asarray(prompt_tokens, jnp.int32),
+                             jnp.asarray(prompt_mask, bool), rng)
+
+  def _generate(self, params, prompt_tokens, prompt_mask, rng, *,
+                num_samples, temperature, top_k, top_p, greedy):
+    model = nnx.merge(self.graphdef, params, self.rest)
+    prompts = jnp.repeat(prompt_tokens, num_samples, axis=0)
+    mask = jnp.repeat(prompt_mask, num_samples, axis=0)
+    n, p = prompts.shape
+    t_max = self.max_new_tokens
+    cache = model.init_cache(n, p + t_max, self.cache_dtype)
+    hidden, cache = model.hidden(prompts, attention_mask=mask, cache=cache)
+    w = model.unembedding()
+    logits = jnp.einsum("nd,dv->nv", hidden[:, -1], w,
+                        preferred_element_type=jnp.float32)
+
+    def pick(logits, key):
+      processed = process_logits(logits, temperature=temperature,
+                                 top_k=top_k, top_p=top_p)
+      logp_all = jax.nn.log_softmax(processed, axis=-1)
+      if greedy:
+        token = jnp.argmax(processed, axis=-1)
+      else:
+        token = jax.random.categorical(key, processed, axis=-1)
+      logp = jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
+      return token.astype(jnp.int32), logp
+
+    def cond(carry):
+      t, _, _, _, _, _, done, _ = carry
+      return (t < t_max) & ~jnp.all(done)
+
+    def body(carry):
+      t, cache, logits, toks, logps, live_mask, done, key = carry
+      key, sub = jax.random.split(key)
+      token, logp = pick(logits, sub)
+      live = ~done
+      token = jnp.where(live, token, self.pad_id)
+      toks = toks.at[:, t].set(token)
+      logps = logps.at[:, t].set(jnp.where(live, logp, 0.0))
+      live_mask = live_mask.at[:, t].set(live)
+      done = done | (live & (token == self.eos_id))
+      hidden, cache = model.hidden(token[:, None], cache=cache, decode=True)
+      logits = jnp.einsum("nd,dv->nv", hidden[:, 0], w,
+                          preferred_element_type=jnp.float32)
+      return t + 1, cache, logits, toks, logps, live_mask, done, key
+
+    carry = (jnp.int32(0), cache, logits,
+             jnp.full((n, t_max), self.pad_id, jnp.int32),
+             jnp.zeros((n, t_max), jnp.float32),
+             jnp.zeros((n, t_max), bool), jnp.zeros((n,), bool), rng)
+    _, _, _, toks, logps, completion_mask, _, _ = jax.lax.while_loop(
+        cond, body, carry)
+    # completion_mask: True for every token sampled while the row was live,
+    # i.e. up to and including its first EOS.
+    return SampleOutput(prompts, mask, toks, completion_mask,
+                        jnp.where(completion_mask, logps, 0.0))
