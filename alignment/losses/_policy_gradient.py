@@ -863,7 +863,7 @@ def empg_advantages(
   adv = _sg(_f32(advantages))
   if step_ids is None:
     step_ids = jnp.zeros(mask.shape, jnp.int32)
-  slots = jnp.arange(max_steps)
+  slots = jnp.arange(max_steps)[None, None, :]
   onehot = (jnp.asarray(step_ids)[..., None] == slots) & mask[..., None]
   count = jnp.sum(onehot, axis=1, dtype=jnp.float32)  # [B, S]
   step_entropy = _masked.safe_divide(
@@ -967,7 +967,7 @@ def _pairwise_mean_square(x):
   """``mean_{i<j} (x_i - x_j)²`` over the last axis ``[B, G] -> [B]``."""
   group = x.shape[-1]
   diff = x[:, :, None] - x[:, None, :]
-  upper = jnp.triu(jnp.ones((group, group), bool), k=1)
+  upper = jnp.triu(jnp.ones((group, group), bool), k=1)[None]
   pairs = group * (group - 1) / 2
   return jnp.sum(jnp.where(upper, diff * diff, 0.0), axis=(1, 2)) / pairs
 
@@ -1113,7 +1113,7 @@ def best_of_k_mask(
   values = _f32(rewards)
   values = jnp.where(jnp.isnan(values), -jnp.inf, values)
   _, index = jax.lax.top_k(values, num_keep)
-  return jnp.any(index[..., None] == jnp.arange(group), axis=-2)
+  return jnp.any(index[..., None] == jnp.arange(group)[None, None], axis=-2)
 
 
 @typechecked
