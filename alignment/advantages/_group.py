@@ -26,7 +26,10 @@ Shared conventions:
   are ``psum``-ed so every device gets the global statistic. Under plain
   ``jit`` on global arrays leave it ``None``.
 * Outputs are targets for a policy-gradient loss: they carry no gradient.
-* Group estimators need ``G >= 2`` and raise ``ValueError`` otherwise.
+* Group estimators need ``G >= 2`` and raise ``ValueError`` otherwise. A
+  group left with one valid sample by ``sample_mask`` gets advantage 0 (it
+  has no baseline); verl instead uses mean 0 and std 1 for single-sample
+  groups, i.e. passes the raw reward through.
 """
 
 import jax
@@ -404,7 +407,9 @@ def reinforce_plus_plus_baseline_advantages(
 
   Returns:
     float32 ``[B, G]``, 0 for masked samples (and zero-length ones when
-    ``lengths`` is given); no gradient.
+    ``lengths`` is given); no gradient. A group whose rewards are all equal
+    has ``c = 0`` and gets ``-μ/σ``, which is 0 only when μ = 0 (always with
+    unit weights, since ``c`` sums to 0 per group).
 
   References:
     Hu et al., `REINFORCE++: Stabilizing Critic-Free Policy Optimization
