@@ -374,7 +374,7 @@ def expected_calibration_error(
   """Expected calibration error with equal-width bins.
 
   ``ECE = Σ_b (n_b / n) |acc_b - conf_b|`` (Naeini et al. 2015; Guo et al.
-  2017, arXiv:1706.04599, Eq. 3). Here the forecast is the probability of
+  2017, arXiv:1706.04599). Here the forecast is the probability of
   the positive label (for preferences: "the first response wins", see
   :func:`preference_calibration_data`), not the max-class confidence.
 
@@ -495,7 +495,7 @@ class BestOfNCurve(NamedTuple):
 def best_of_n_kl(n) -> np.ndarray:
   """``KL(best-of-n ‖ base) = log n - (n - 1)/n`` (an upper bound).
 
-  Stiennon et al. (2020, arXiv:2009.01325, App. G.3); Beirami et al. (2024,
+  Stiennon et al. (2020, arXiv:2009.01325); Beirami et al. (2024,
   arXiv:2401.01879) show it is an upper bound of the true KL.
 
   Args:
@@ -531,7 +531,7 @@ def best_of_n_curve(proxy_scores, gold_scores, ns) -> BestOfNCurve:
   ``E[gold] = Σ_i C(M-1-i, n-1) / C(M, n) · gold_(i)``,
 
   the unbiased estimator used for overoptimisation curves (Nakano et al.
-  2021, arXiv:2112.09332, App. I; Gao et al. 2022, arXiv:2210.10760).
+  2021, arXiv:2112.09332; Gao et al. 2022, arXiv:2210.10760).
   Proxy ties are broken uniformly at random (tied samples share their mean
   gold score), so the result does not depend on sample order.
 

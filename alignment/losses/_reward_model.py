@@ -268,7 +268,7 @@ def bradley_terry_loss(
   Stiennon et al. (2020); ``m`` is the Llama-2 margin term (Touvron et al.
   2023, Eq. 2; TRL ``RewardTrainer``'s ``margin`` column). Label flipping
   and label smoothing are the noisy-preference remedies of Wang et al.
-  (2024, Secrets of RLHF Part II, Sec. 3.2); the centring penalty is the
+  (2024, Secrets of RLHF Part II); the centring penalty is the
   auxiliary loss of Eisenstein et al. (2023), TRL's
   ``center_rewards_coefficient`` (TRL averages it over the batch; here it is
   kept per pair, so the batch mean of this loss equals TRL's loss).
@@ -328,7 +328,7 @@ def preference_strength(
     d_b = \frac{1}{M}\sum_m (r^m_c - r^m_r), \quad
     σ_b = \mathrm{std}_m (r^m_c - r^m_r)
 
-  as in Wang et al. (2024, Secrets of RLHF Part II, Sec. 2.1): pairs with
+  as in Wang et al. (2024, Secrets of RLHF Part II): pairs with
   ``d < 0`` are likely mislabelled (flip them), pairs with ``d ≈ 0`` are
   ambiguous (smooth them), large ``d`` deserves a larger margin.
 
@@ -366,8 +366,8 @@ def bt_adaptive_margin_loss(
     \ell = -(1-ε)\log σ(Δ - μ_b) - ε\log σ(μ_b - Δ)
 
   with ``d_b`` from :func:`preference_strength` and ``Δ = r_c - r_r``. This
-  is the adaptive-margin loss of Wang et al. (2024, Secrets of RLHF Part II,
-  Sec. 3.2): pairs the ensemble agrees strongly on must be separated by a
+  is the adaptive-margin loss of Wang et al. (2024, Secrets of RLHF Part II):
+  pairs the ensemble agrees strongly on must be separated by a
   larger margin. The linear-and-clip map from ``d`` to ``μ`` is this
   library's parametrisation of "margin derived from preference strength";
   ``margin_scale=1, max_margin=inf`` uses the (non-negative) mean ensemble
@@ -529,8 +529,8 @@ def plackett_luce_loss(
     \ell_b = -\sum_{i=1}^{\min(k, n_b)}
       \Big[r_{π(i)} - \log\sum_{j \ge i} \exp r_{π(j)}\Big]
 
-  (Plackett 1975; used for reward models by Zhu et al. 2023, Eq. 4, and the
-  listwise objective of DPO's Appendix A.3). With ``K = 2`` it is the
+  (Plackett 1975; the K-wise model of Zhu et al. 2023 and the listwise
+  objective in the appendix of the DPO paper). With ``K = 2`` it is the
   Bradley–Terry loss; adding a constant to a list leaves it unchanged.
 
   Args:
@@ -621,7 +621,7 @@ def rao_kupper_loss(
   and the loss is ``-log P(c ≻ r)`` for strict pairs and ``-log P(c ~ r)``
   for tied pairs. Larger ``θ`` widens the band of score differences read as
   a tie. This is the BTT model of Liu et al. (2024), after Rao & Kupper
-  (1967, Eq. 2.1–2.2). Tied pairs are symmetric in chosen/rejected.
+  (1967). Tied pairs are symmetric in chosen/rejected.
 
   Args:
     chosen_rewards: scores of the first (preferred, unless tied) responses.
@@ -673,7 +673,7 @@ def davidson_loss(
     P(c ≻ r) = \frac{π_c}{π_c + π_r + ν\sqrt{π_cπ_r}}, \quad
     P(c \sim r) = \frac{ν\sqrt{π_cπ_r}}{π_c + π_r + ν\sqrt{π_cπ_r}}
 
-  (Davidson 1970, Eq. 2.1–2.2), computed as
+  (Davidson 1970), computed as
   ``log P(c ≻ r) = Δ/2 - log(e^{Δ/2} + e^{-Δ/2} + ν)``. The loss is
   ``-log P(c ≻ r)`` for strict pairs and ``-log P(c ~ r)`` for ties; with
   ``ν → 0`` strict pairs recover Bradley–Terry.
@@ -973,7 +973,7 @@ def gpm_preference_score(
       = \sum_{l=1}^{k} λ_l\,(v_{a,2l-1} v_{b,2l} - v_{a,2l} v_{b,2l-1})
 
   with ``R^≻ = blockdiag(λ_1 J, …, λ_k J)``, ``J = [[0, -1], [1, 0]]``
-  (Zhang et al. 2024, Sec. 3). ``s(a ≻ b) = -s(b ≻ a)`` and ``s(a ≻ a) = 0``.
+  (Zhang et al. 2024). ``s(a ≻ b) = -s(b ≻ a)`` and ``s(a ≻ a) = 0``.
 
   Args:
     embeddings_a: ``[B, D]`` preference embeddings, ``D = 2k`` even.
@@ -1123,7 +1123,7 @@ def multi_objective_loss(
 
   Trains a ``K``-head reward model from preferences expressed under a
   user direction ``v`` (DPA's preference-conditioned reward, Wang et al.
-  2024, Sec. 3). ``v = e_i`` trains objective ``i`` alone; ``K = 1`` is BT.
+  2024). ``v = e_i`` trains objective ``i`` alone; ``K = 1`` is BT.
 
   Args:
     chosen_rewards: ``[B, K]`` per-objective scores, preferred responses.
