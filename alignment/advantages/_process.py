@@ -593,8 +593,8 @@ def igpo_advantages(
 ) -> Float[Out, "B G S"]:
   r"""IGPO turn-level advantages.
 
-  Wang et al. (2025) and the authors' code (as summarised in our method
-  catalogue): the reward of
+  Wang et al. (2025) and the authors' code
+  (``compute_grpo_outcome_advantage`` in ``GuoqingWang1/IGPO``): the reward of
   each turn but the last is its information gain; the last valid turn gets
   the outcome reward (answer F1, or a format penalty). Rewards are
   normalised per prompt,
@@ -603,9 +603,13 @@ def igpo_advantages(
     trajectories together;
   * ``"separate"``: information gains and outcomes each among themselves;
 
-  as ``(r - mean) / (std + ε)`` (Bessel std; ``scale_std=False`` only
-  centres; all-equal sets give 0), and accumulated backwards over turns,
+  as ``(r - mean) / (std + ε)`` with the authors' ``std = sqrt(var +
+  1e-8)`` (population variance; ``scale_std=False`` only centres; all-equal
+  sets give 0), and accumulated backwards over turns,
   ``A_s = r̂_s + γ A_{s+1}``. Every token of turn ``s`` gets ``A_s``.
+  Deviation: the authors' code (``GuoqingWang1/IGPO``, ``core_algos.py``)
+  drops turns whose information gain is exactly 0 from the statistics and
+  merges their tokens into the next turn; here every valid turn counts.
 
   Args:
     information_gain: :func:`information_gain_rewards` ``[B, G, S]``; the
@@ -642,16 +646,23 @@ def igpo_advantages(
   gains = _masked(information_gain, mask & ~last)
   outcome = jax.lax.stop_gradient(_f32(outcome_rewards))
   rewards = jnp.where(last, outcome[..., None], gains)
-  scale = "group" if scale_std else "none"
 
   def normalise(values, keep):
-    flat = grpo_advantages(
-      values.reshape(b, g * s),
-      keep.reshape(b, g * s),
-      scale=scale,
-      epsilon=epsilon,
+    # Authors' statistics: population variance + 1e-8 under the root, std 1
+    # for sets of <= 1 reward; exact 0 for all-equal sets.
+    count = jnp.sum(keep, axis=(1, 2), keepdims=True, dtype=jnp.float32)
+    kept = jnp.where(keep, values, 0.0)
+    mean = safe_divide(jnp.sum(kept, axis=(1, 2), keepdims=True), count)
+    highest = jnp.max(jnp.where(keep, values, -jnp.inf), (1, 2), keepdims=True)
+    lowest = jnp.min(jnp.where(keep, values, jnp.inf), (1, 2), keepdims=True)
+    centred = jnp.where(keep & (highest > lowest), values - mean, 0.0)
+    if not scale_std:
+      return centred
+    var = safe_divide(
+      jnp.sum(centred * centred, axis=(1, 2), keepdims=True), count
     )
-    return flat.reshape(b, g, s)
+    std = jnp.where(count > 1, jnp.sqrt(var + 1e-8), 1.0)
+    return centred / (std + epsilon)
 
   if normalization == "joint":
     normed = normalise(rewards, mask)

@@ -139,11 +139,12 @@ def _np_igpo(d, gamma=1.0, normalization="joint", eps=1e-6):
   )
 
   def norm(keep):
+    """GuoqingWang1/IGPO compute_group_stats: sqrt(population var + 1e-8)."""
     out = np.zeros_like(rewards)
     for b in range(B):
       x = rewards[b][keep[b]]
       if len(x) > 1 and not np.all(x == x[0]):
-        out[b][keep[b]] = (x - x.mean()) / (x.std(ddof=1) + eps)
+        out[b][keep[b]] = (x - x.mean()) / (np.sqrt(x.var() + 1e-8) + eps)
     return out
 
   normed = norm(m) if normalization == "joint" else norm(m & ~last) + norm(last)
@@ -315,14 +316,21 @@ class EstimatorTest(parameterized.TestCase):
         rtol=2e-5,
         atol=2e-5,
       )
-    # IG = 0 and separate normalisation: every turn gets the GRPO-normalised
-    # outcome (gamma = 1).
+    # IG = 0 and separate normalisation: every turn gets the group-normalised
+    # outcome (gamma = 1; the authors' population std).
     flat = _process.igpo_advantages(
       np.zeros_like(d["gains"]), d["outcome"], m, normalization="separate"
     )
-    grpo = advantages.grpo_advantages(d["outcome"])
+    o = d["outcome"].astype(np.float64)
+    mean = o.mean(1, keepdims=True)
+    std = np.sqrt(o.var(1, keepdims=True) + 1e-8)
+    grpo = np.where(
+      o.max(1, keepdims=True) > o.min(1, keepdims=True),
+      (o - mean) / (std + 1e-6),
+      0.0,
+    )
     np.testing.assert_allclose(
-      flat, np.where(m, grpo[..., None], 0.0), atol=1e-6
+      flat, np.where(m, grpo[..., None], 0.0), rtol=1e-5, atol=1e-6
     )
     # Information gains telescope to p_S - p_0.
     rng = np.random.default_rng(3)
