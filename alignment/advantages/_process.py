@@ -61,10 +61,10 @@ def _masked(x, mask):
   return jax.lax.stop_gradient(jnp.where(mask, _f32(x), 0.0))
 
 
-def _check_group_size(fn: str, x) -> None:
+def _check_group_size(fn: str, x, name: str) -> None:
   if x.shape[1] < 2:
     raise ValueError(
-      f"{fn}: the group axis has size G={x.shape[1]} (shape "
+      f"{fn}: {name} has group size G={x.shape[1]} (shape "
       f"{tuple(x.shape)}); a group estimator needs G >= 2 samples per "
       "prompt."
     )
@@ -228,7 +228,7 @@ def prime_advantages(
   fn = "prime_advantages"
   if not epsilon >= 0:
     raise ValueError(f"{fn}: epsilon must be >= 0, got {epsilon}.")
-  _check_group_size(fn, process_rewards)
+  _check_group_size(fn, process_rewards, "process_rewards")
   n = process_rewards.shape[1]
   mask = jnp.asarray(completion_mask, bool)
   proc = _masked(process_rewards, mask)
@@ -361,7 +361,7 @@ def pure_advantages(
       f"{fn}: unknown baseline={baseline!r}; valid choices "
       f"are {_PURE_BASELINES}."
     )
-  _check_group_size(fn, step_rewards)
+  _check_group_size(fn, step_rewards, "step_rewards")
   b, g, s = step_rewards.shape
   mask = jnp.asarray(step_mask, bool)
   if min_form:
@@ -639,7 +639,7 @@ def igpo_advantages(
     raise ValueError(f"{fn}: gamma must be in [0, 1], got {gamma}.")
   if not epsilon >= 0:
     raise ValueError(f"{fn}: epsilon must be >= 0, got {epsilon}.")
-  _check_group_size(fn, information_gain)
+  _check_group_size(fn, information_gain, "information_gain")
   b, g, s = information_gain.shape
   mask = jnp.asarray(turn_mask, bool)
   last = _last_valid(mask)
@@ -721,7 +721,7 @@ def arena_rank_advantages(
     raise ValueError(
       f"{fn}: unknown scale={scale!r}; valid choices are {STD_SCALINGS}."
     )
-  _check_group_size(fn, preferences)
+  _check_group_size(fn, preferences, "preferences")
   g = preferences.shape[1]
   valid = (
     jnp.ones(preferences.shape[:2], bool)

@@ -437,18 +437,29 @@ class StepTransformTest(absltest.TestCase):
       _process.clip_step_rewards(
         d["steps"][:, 0], d["step_mask"][:-1, 0], eta=0.0
       )
-    for fn, args in (
+    for fn, args, name in (
       (
         _process.prime_advantages,
         (d["process"][:, :1], d["outcome"][:, :1], d["token_mask"][:, :1]),
+        "process_rewards",
       ),
       (
         _process.igpo_advantages,
         (d["gains"][:, :1], d["outcome"][:, :1], d["step_mask"][:, :1]),
+        "information_gain",
       ),
-      (_process.arena_rank_advantages, (d["preferences"][:, :1, :1],)),
+      (
+        _process.pure_advantages,
+        (d["steps"][:, :1], d["step_mask"][:, :1], d["step_lengths"][:, :1]),
+        "step_rewards",
+      ),
+      (
+        _process.arena_rank_advantages,
+        (d["preferences"][:, :1, :1],),
+        "preferences",
+      ),
     ):
-      with self.assertRaisesRegex(ValueError, "G=1"):
+      with self.assertRaisesRegex(ValueError, f"{name} has group size G=1"):
         fn(*args)
 
 
