@@ -3,9 +3,7 @@
 Group estimators take rewards with an explicit group axis ``[B, G]``.
 """
 
-from alignment.advantages import _gae
-from alignment.advantages import _group
-from alignment.advantages import _process
+from alignment.advantages import _gae, _group, _process
 from alignment.advantages._gae import *  # noqa: F403
 from alignment.advantages._group import *  # noqa: F403
 from alignment.advantages._process import *  # noqa: F403

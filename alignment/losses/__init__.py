@@ -7,13 +7,15 @@ losses.dpo_loss``) and listed in :data:`REGISTRY` under the name configs use
 ``advantages`` ...) so a trainer can supply them by name.
 """
 
-from alignment.losses import _off_policy
-from alignment.losses import _policy_gradient
-from alignment.losses import _preference
-from alignment.losses import _reference_free
-from alignment.losses import _regularized
-from alignment.losses import _reward_model
-from alignment.losses import _token_level
+from alignment.losses import (
+  _off_policy,
+  _policy_gradient,
+  _preference,
+  _reference_free,
+  _regularized,
+  _reward_model,
+  _token_level,
+)
 from alignment.losses._off_policy import *  # noqa: F403
 from alignment.losses._policy_gradient import *  # noqa: F403
 from alignment.losses._preference import *  # noqa: F403

@@ -1,8 +1,6 @@
 """Turning rollouts into rewards: shaping, ensembles, verifiers, RM scoring."""
 
-from alignment.rewards import _ensemble
-from alignment.rewards import _shaping
-from alignment.rewards import _verifiers
+from alignment.rewards import _ensemble, _shaping, _verifiers
 from alignment.rewards._ensemble import *  # noqa: F403
 from alignment.rewards._shaping import *  # noqa: F403
 from alignment.rewards._verifiers import *  # noqa: F403

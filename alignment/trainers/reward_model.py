@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from alignment import evaluation, losses, ops
+from alignment import evaluation, losses, models, ops
 from alignment.trainers import _data, _lm, _setup, common
 
 _GAUSSIAN = ("gaussian_bt", "gaussian_bt_sampled", "brme")
@@ -100,16 +100,20 @@ def make_score_fn(graphdef, rest):
 
   def score(params, tokens, attention_mask):
     model = nnx.merge(graphdef, params, rest)
-    out = model(tokens, attention_mask=attention_mask)
-    if hasattr(out, "mean"):
-      return out.mean
-    if hasattr(out, "score"):
-      return out.score
-    if out.ndim == 2:
-      return jnp.mean(out, axis=0)
-    return out
+    return scalar_score(model(tokens, attention_mask=attention_mask))
 
   return score
+
+
+def scalar_score(out):
+  """One score per sequence from any reward head's output."""
+  if isinstance(out, models.GaussianReward):
+    return out.mean
+  if isinstance(out, models.MultiObjective):
+    return out.score
+  if out.ndim == 2:  # ensemble [M, B]
+    return jnp.mean(out, axis=0)
+  return out
 
 
 def make_loss_fn(graphdef, rest, config):

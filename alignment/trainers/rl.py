@@ -17,8 +17,8 @@ One iteration (``config.total_steps`` of them):
    importance-sampling correction (``config.off_policy.correction``).
 """
 
-import dataclasses
 import json
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from alignment import advantages as adv_lib
-from alignment import losses, ops, rewards, sampling
+from alignment import losses, models, ops, rewards, sampling
 from alignment import sharding as sharding_lib
 from alignment.trainers import _data, _lm, _setup, common, policy_eval
 
@@ -37,8 +37,7 @@ REWARD_SOURCES = ("gold", "verifier", "model", "ensemble")
 KL_MODES = ("none", "reward", "loss")
 
 
-@dataclasses.dataclass
-class Rollout:
+class Rollout(NamedTuple):
   """One iteration's experience, all ``[N, ...]`` with ``N = B·G``."""
 
   tokens: jax.Array            # [N, P+T]
@@ -209,8 +208,10 @@ class RewardScorer:
       def score(params, tokens, attention_mask):
         model = nnx.merge(graphdef, params, rest)
         out = model(tokens, attention_mask=attention_mask)
-        if hasattr(out, "mean"):
+        if isinstance(out, models.GaussianReward):
           return out.mean
+        if isinstance(out, models.MultiObjective):
+          return out.score
         if out.ndim == 2:  # [M, N] ensemble
           agg = rewards.ENSEMBLE_AGGREGATORS[agg_name]
           kw = dict(config.reward.get("ensemble_kwargs", {}))
