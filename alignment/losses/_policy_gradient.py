@@ -242,7 +242,7 @@ def reinforce_loss(
     \ell_t = -\hat A_t \log\pi_\theta(y_t \mid x, y_{<t})
 
   Its gradient is the likelihood-ratio policy gradient (Williams 1992,
-  Eq. 11 with a baseline folded into ``advantages``); on-policy it equals the
+  with a baseline folded into ``advantages``); on-policy it equals the
   gradient of every clipped surrogate below.
 
   Args:
@@ -282,7 +282,7 @@ def ppo_loss(
     \ell_t = -\min(\rho_t \hat A_t,\ \mathrm{clip}(\rho_t, 1-\epsilon,
     1+\epsilon)\hat A_t)
 
-  With ``dual_clip`` = c > 1 (Ye et al. 2020, Eq. 5), tokens with
+  With ``dual_clip`` = c > 1 (Ye et al. 2020), tokens with
   :math:`\hat A_t < 0` use :math:`\max(\min(\cdot), c\hat A_t)`, which bounds
   the loss of a negative-advantage token whose ratio has exploded by
   :math:`c|\hat A_t|` (and zeroes its gradient beyond :math:`\rho > c`).
@@ -333,7 +333,7 @@ def grpo_loss(
   r"""GRPO clipped surrogate with DAPO clip-higher, per token.
 
   The policy term of Eq. 3 of Shao et al. (2024) with DAPO's decoupled clip
-  range (Yu et al. 2025, Eq. 8):
+  range (Yu et al. 2025):
 
   .. math::
     \ell_{i,t} = -\min(\rho_{i,t}\hat A_{i,t},\ \mathrm{clip}(\rho_{i,t},
@@ -394,8 +394,9 @@ def dapo_loss(
 ) -> tuple[Float[Out, "B T"], PolicyAux]:
   r"""DAPO's token-level clipped objective: :func:`grpo_loss` at ε_high=0.28.
 
-  Eq. 8 of Yu et al. (2025). DAPO normalises by the number of tokens in the
-  batch: reduce with ``aggregate_token_loss(..., mode="token_mean")``.
+  The clipped objective of Yu et al. (2025). DAPO normalises by the number
+  of tokens in the batch: reduce with
+  ``aggregate_token_loss(..., mode="token_mean")``.
   Dynamic sampling and overlong shaping are data/reward-side and live
   elsewhere.
 
@@ -425,7 +426,7 @@ def dapo_loss(
 
 
 def _gspo_ratios(logps, old, mask):
-  """Length-normalised sequence ratio ``s_i`` (Eq. 7 of GSPO), ``[B]``."""
+  """Length-normalised sequence ratio ``s_i`` of GSPO, ``[B]``."""
   log_ratio = jnp.where(mask, logps - old, 0.0)
   return jnp.exp(_sequence_mean(log_ratio, mask))
 
@@ -442,7 +443,7 @@ def gspo_loss(
 ) -> tuple[Float[Out, "B T"], PolicyAux]:
   r"""GSPO: clipped surrogate on the sequence-level importance ratio.
 
-  Eqs. 5 and 7 of Zheng et al. (2025):
+  Zheng et al. (2025), the GSPO objective and its sequence ratio:
 
   .. math::
     s_i = \Big(\frac{\pi_\theta(y_i|x)}{\pi_{old}(y_i|x)}\Big)^{1/|y_i|}
@@ -494,7 +495,7 @@ def gspo_token_loss(
 ) -> tuple[Float[Out, "B T"], PolicyAux]:
   r"""GSPO-token: the sequence ratio with a per-token gradient path.
 
-  Eqs. 13-14 of Zheng et al. (2025):
+  Zheng et al. (2025), the GSPO-token variant:
 
   .. math::
     s_{i,t} = \mathrm{sg}[s_i]\cdot\frac{\pi_\theta(y_{i,t})}
@@ -543,7 +544,7 @@ def cispo_loss(
 ) -> tuple[Float[Out, "B T"], PolicyAux]:
   r"""CISPO: REINFORCE with a clipped, stop-gradient importance weight.
 
-  Eqs. 4-5 of MiniMax (2025):
+  MiniMax (2025), the CISPO objective:
 
   .. math::
     \hat r_{i,t} = \mathrm{clip}(\rho_{i,t}, 1-\epsilon_{low},
@@ -603,7 +604,7 @@ def gmpo_loss(
 ) -> tuple[Float[Out, "B T"], PolicyAux]:
   r"""GMPO: maximise the geometric mean of the clipped token objectives.
 
-  Eq. 4 of Zhao et al. (2025):
+  Zhao et al. (2025), the GMPO objective:
 
   .. math::
     J_i = \Big(\prod_t \big|\min(\rho_{i,t}\hat A_i,\ \mathrm{clip}(\rho_{i,t},
@@ -719,7 +720,7 @@ def stable_reinforce_loss(
 ) -> tuple[Float[Out, "B T"], StableReinforceAux]:
   r"""StableReinforce: pre-clipped log-ratio PPO with a 3σ advantage filter.
 
-  R1-Reward (Zhang et al. 2025), Sec. 3:
+  R1-Reward (Zhang et al. 2025):
 
   * **Pre-clip**: :math:`\rho = \exp(\mathrm{clip}(\log\pi_\theta -
     \log\pi_{old}, -C, C))` so the exponential can never overflow, then the
@@ -1350,7 +1351,7 @@ def entropy_bonus_loss(
   r"""Entropy bonus as a loss term, per token: :math:`-c\,H_t`.
 
   Adding it to a policy loss and minimising raises the policy's entropy
-  (Williams & Peng 1991; Mnih et al. 2016, Eq. 8's β H term). Compute
+  (Williams & Peng 1991; the β H term of Mnih et al. 2016). Compute
   ``token_entropies`` from the policy's logits with
   ``ops.entropy_from_logits`` so the gradient flows through them. TRL's
   ``entropy_coef`` uses the token mean of this term.

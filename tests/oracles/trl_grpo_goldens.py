@@ -1,4 +1,4 @@
-r"""Generates TRL GRPO/GMPO loss goldens for tests/losses/policy_gradient_test.py.
+r"""Generates TRL GRPO/GMPO goldens for tests/losses/policy_gradient_test.py.
 
 Run in the oracle venv (torch 2.13 CPU, trl 1.16.0), never in CI:
 
