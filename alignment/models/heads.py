@@ -170,7 +170,9 @@ class GaussianRewardModel(_Backbone):
     positions: Int[In, "B L"] | None = None,
   ) -> GaussianReward:
     features = self._features(tokens, attention_mask, positions)
-    out = features @ _f32(self.head_kernel[...]) + _f32(self.head_bias[...])
+    out = (
+      features @ _f32(self.head_kernel[...]) + _f32(self.head_bias[...])[None]
+    )
     return GaussianReward(mean=out[:, 0], log_variance=out[:, 1])
 
 
@@ -272,8 +274,9 @@ class MultiObjectiveRewardModel(_Backbone):
       else jnp.full((b,), length - 1, jnp.int32)
     )
     features = _f32(_gather(hidden, last))
-    rewards = features @ _f32(self.reward_kernel[...]) + _f32(
-      self.reward_bias[...]
+    rewards = (
+      features @ _f32(self.reward_kernel[...])
+      + _f32(self.reward_bias[...])[None]
     )
     if self.gating:
       index = last if gate_index is None else jnp.asarray(gate_index, jnp.int32)
@@ -282,7 +285,7 @@ class MultiObjectiveRewardModel(_Backbone):
       for i, (w, bias) in enumerate(
         zip(self.gate_kernels, self.gate_biases, strict=True)
       ):
-        h = h @ _f32(w[...]) + _f32(bias[...])
+        h = h @ _f32(w[...]) + _f32(bias[...])[None]
         if i < n - 1:
           h = jax.nn.relu(h)
       weights = jax.nn.softmax(h / self.temperature, axis=-1)
@@ -374,7 +377,10 @@ class MultiHeadEnsembleRewardModel(_Backbone):
   ) -> Float[Out, "M B"]:
     """Rewards of every head, float32 ``[M, B]``."""
     features = self._features(tokens, attention_mask, positions)
-    out = features @ _f32(self.heads_kernel[...]).T + _f32(self.heads_bias[...])
+    out = (
+      features @ _f32(self.heads_kernel[...]).T
+      + _f32(self.heads_bias[...])[None]
+    )
     return out.T
 
 

@@ -869,9 +869,12 @@ def load_hf_checkpoint(
     from alignment.sharding import partition  # noqa: PLC0415
 
     rules = partitioning.current_rules() if rules is None else tuple(rules)
-    shardings = dict(
-      nnx.to_flat_state(partition.state_shardings(state, mesh, rules))
-    )
+    shardings = {
+      p: getattr(v, "get_value", lambda v=v: v)()
+      for p, v in nnx.to_flat_state(
+        partition.state_shardings(state, mesh, rules)
+      )
+    }
   values: dict[Path, jax.Array] = {}
   used = set()
   for entry in tensor_map(config, kind, prefix):

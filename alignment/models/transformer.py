@@ -126,6 +126,12 @@ def _param(
   return nnx.Param(value, eager_sharding=False, out_sharding=tuple(axes))
 
 
+def _lead(x, ndim: int):
+  """Adds leading unit axes so ``x`` has rank ``ndim`` (explicit
+  broadcasting, compatible with ``jax_numpy_rank_promotion='raise'``)."""
+  return x.reshape((1,) * (ndim - x.ndim) + x.shape)
+
+
 class Norm(nnx.Module):
   """RMSNorm or LayerNorm over the last axis, computed in float32."""
 
@@ -156,9 +162,9 @@ class Norm(nnx.Module):
       mean = jnp.mean(x, -1, keepdims=True)
       var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
       x = (x - mean) * jax.lax.rsqrt(var + self.eps)
-    x = x * self.scale[...].astype(jnp.float32)
+    x = x * _lead(self.scale[...].astype(jnp.float32), x.ndim)
     if self.bias is not None:
-      x = x + self.bias[...].astype(jnp.float32)
+      x = x + _lead(self.bias[...].astype(jnp.float32), x.ndim)
     return x.astype(dtype)
 
 
@@ -167,7 +173,7 @@ def _rms(x, scale, eps):
   dtype = x.dtype
   x = x.astype(jnp.float32)
   x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps)
-  return (x * scale.astype(jnp.float32)).astype(dtype)
+  return (x * _lead(scale.astype(jnp.float32), x.ndim)).astype(dtype)
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
@@ -204,7 +210,7 @@ def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
 def _rope_tables(config: ModelConfig, positions):
   """cos/sin ``[B, L, rotary_dim]`` (the half table repeated twice)."""
   inv = jnp.asarray(rope_inverse_frequencies(config))
-  freqs = positions.astype(jnp.float32)[..., None] * inv
+  freqs = positions.astype(jnp.float32)[..., None] * inv[None, None]
   freqs = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(freqs), jnp.sin(freqs)
 
@@ -266,7 +272,9 @@ class Attention(nnx.Module):
     k = jnp.einsum("bld,dhn->blhn", x, w(self.k_kernel))
     v = jnp.einsum("bld,dhn->blhn", x, w(self.v_kernel))
     if c.qkv_bias:
-      q, k, v = q + w(self.q_bias), k + w(self.k_bias), v + w(self.v_bias)
+      q = q + _lead(w(self.q_bias), 4)
+      k = k + _lead(w(self.k_bias), 4)
+      v = v + _lead(w(self.v_bias), 4)
     if c.qk_norm:
       q = _rms(q, self.q_norm[...], c.norm_eps)
       k = _rms(k, self.k_norm[...], c.norm_eps)
@@ -296,7 +304,7 @@ class Attention(nnx.Module):
     out = out.reshape(b, length, c.n_heads, c.head_dim)
     out = jnp.einsum("blhn,hnd->bld", out, w(self.o_kernel))
     if c.attn_out_bias:
-      out = out + w(self.o_bias)
+      out = out + _lead(w(self.o_bias), 3)
     return out, new_kv
 
 
@@ -334,18 +342,18 @@ class Mlp(nnx.Module):
     act = _ACTIVATIONS[c.activation]
     up = x @ w(self.up_kernel)
     if c.mlp_bias:
-      up = up + w(self.up_bias)
+      up = up + _lead(w(self.up_bias), up.ndim)
     if c.gated:
       gate = x @ w(self.gate_kernel)
       if c.mlp_bias:
-        gate = gate + w(self.gate_bias)
+        gate = gate + _lead(w(self.gate_bias), gate.ndim)
       hidden = act(gate) * up
     else:
       hidden = act(up)
     hidden = constrain(hidden, ("batch", "length", "mlp"))
     out = hidden @ w(self.down_kernel)
     if c.mlp_bias:
-      out = out + w(self.down_bias)
+      out = out + _lead(w(self.down_bias), out.ndim)
     return out
 
 
