@@ -68,7 +68,8 @@ def init_cache(
   Args:
     config: the model's config.
     batch: rows (B).
-    max_len: cache slots (S): prompt plus generated tokens must fit.
+    max_len: cache slots (S): prompt plus generated tokens must fit
+      (writes past the last slot are dropped).
     dtype: storage dtype of keys/values; defaults to ``config.dtype``.
 
   Returns:

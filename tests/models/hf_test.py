@@ -70,6 +70,23 @@ class ExportTest(parameterized.TestCase):
       np.testing.assert_array_equal(got[path], want[path], err_msg=str(path))
       self.assertEqual(got[path].dtype, want[path].dtype)
 
+  def test_bfloat16_export_round_trip(self):
+    config, model = hf.load_hf_checkpoint(
+      DATA / "gpt_neox", param_dtype="bfloat16"
+    )
+    out = pathlib.Path(_tmpdir(self)) / "neox"
+    hf.export_hf_checkpoint(model, config, out)
+    self.assertEqual(
+      json.loads((out / "config.json").read_text())["dtype"], "bfloat16"
+    )
+    _, model2 = hf.load_hf_checkpoint(out, param_dtype="bfloat16")
+    want, got = _params(model), _params(model2)
+    for path in want:
+      self.assertEqual(got[path].dtype, np.dtype("bfloat16"))
+      np.testing.assert_array_equal(
+        got[path].astype(np.float32), want[path].astype(np.float32)
+      )
+
   def test_reward_from_causal_checkpoint_initialises_score(self):
     _, lm = hf.load_hf_checkpoint(DATA / "llama")
     _, rm = hf.load_hf_checkpoint(DATA / "llama", kind="reward", seed=3)

@@ -25,7 +25,7 @@ def _model(config, seed=0):
 
 class CacheTest(parameterized.TestCase):
   @parameterized.named_parameters(
-    ("rope", tiny.ROPE), ("learned", tiny.LEARNED)
+    ("rope", tiny.ROPE), ("learned", tiny.LEARNED.replace(n_layers=1))
   )
   def test_prefill_and_decode_equal_full_recompute(self, config):
     """Row 0 left-padded, row 1 right-padded (its pads sit mid-sequence)."""
@@ -61,7 +61,9 @@ class CacheTest(parameterized.TestCase):
       cache.key_positions,
       [[-1, -1, 0, 1, 2, 3, 4, 5, 6], [0, 1, 2, -1, -1, 3, 4, 5, 6]],
     )
-    self.assertEqual(cache.k.shape, (2, 2, 9, config.n_kv_heads, 8))
+    self.assertEqual(
+      cache.k.shape, (config.n_layers, 2, 9, config.n_kv_heads, 8)
+    )
 
   def test_init_cache(self):
     cache = tr.init_cache(tiny.ROPE, 3, 7, jnp.bfloat16)
@@ -88,7 +90,7 @@ class CacheTest(parameterized.TestCase):
 class PaddingAndPackingTest(absltest.TestCase):
   def test_packing_and_left_padding_match_separate_sequences(self):
     """[a | b] packed with segment ids, and a left-padded, equal a and b."""
-    config = tiny.NEOX
+    config = tiny.NEOX.replace(n_layers=1)
     model = _model(config)
     graphdef, state = nnx.split(model)
     rng = np.random.default_rng(1)
@@ -230,8 +232,9 @@ class LmTest(absltest.TestCase):
 
   def test_bfloat16_compute_and_params(self):
     tokens = np.arange(10, dtype=np.int32).reshape(2, 5) + 3
-    f32 = _model(tiny.ROPE)
-    b16 = _model(tiny.ROPE.replace(dtype="bfloat16", param_dtype="bfloat16"))
+    config = tiny.ROPE.replace(n_layers=1)
+    f32 = _model(config)
+    b16 = _model(config.replace(dtype="bfloat16", param_dtype="bfloat16"))
     self.assertEqual(b16.transformer.embedding[...].dtype, jnp.bfloat16)
     graphdef, state = nnx.split(b16)
     f32_graphdef, f32_state = nnx.split(f32)
