@@ -15,8 +15,9 @@ from alignment import config_lib
 def _stage(trainer, *, steps, batch, lr, preset, data_kw):
   config = config_lib.base(trainer, total_steps=steps, batch_size=batch,
                            learning_rate=lr, model_preset=preset)
-  config.data = config_lib.data("synthetic", max_prompt_len=8,
-                                max_completion_len=9, **data_kw)
+  data_kw = {"source": "synthetic", **data_kw}
+  config.data = config_lib.data(max_prompt_len=8, max_completion_len=9,
+                                **data_kw)
   config.checkpoint.every = 0
   config.optimizer.schedule = "warmup_constant"
   return config

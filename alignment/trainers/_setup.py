@@ -97,7 +97,10 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str, *,
   sharded, cfg = build_model(kind, config.model, mesh, rules, config.seed,
                              **(model_kwargs or {}))
   if init_params is not None:
-    sharded.params = init_params(sharded)
+    # A private copy: the train state is donated to the step, and the caller
+    # may keep using the params it passed (e.g. as the frozen reference).
+    sharded.params = frozen_copy(init_params(sharded),
+                                 sharded.param_shardings)
   tx = common.make_optimizer(config.optimizer, total_steps)
   opt_shardings = common.opt_state_shardings(tx, sharded.params,
                                              sharded.param_shardings, mesh)
