@@ -1,0 +1,240 @@
+"""Benchmark worker, our side: the compiled train steps of alignment.trainers.
+
+Run by ``bench/run_all.py`` as ``python bench/ours.py '<spec json>'``; see
+``bench/_protocol.py`` for the protocol. Builds the same objects the
+trainers build (``models.build_model``, ``trainers.common.make_train_step``
+with the trainer's ``make_loss_fn``, optimiser from
+``common.make_optimizer``), but feeds random-token batches directly instead
+of going through the data iterators.
+
+Tasks (``spec["task"]``):
+
+* ``dpo``: ``trainers.preference.make_loss_fn`` (sigmoid DPO, frozen
+  reference model), one step = policy + reference forward, backward, AdamW.
+* ``rm``: ``trainers.reward_model.make_loss_fn`` (Bradley–Terry).
+* ``grpo``: one iteration of ``trainers.rl.run``'s loop: KV-cache sampling
+  of G completions per prompt (``sampling.Sampler``), reward, old-policy and
+  reference log-probs, group advantages, one update with
+  ``trainers.rl.make_policy_loss`` (GRPO loss, k3 KL in the loss).
+"""
+
+import importlib.util
+import os
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _protocol  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _config(name, arg):
+  spec = importlib.util.spec_from_file_location(
+    f"configs_{name}", ROOT / "configs" / f"{name}.py"
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def _common_config(config, spec):
+  config.optimizer.learning_rate = spec["learning_rate"]
+  config.optimizer.schedule = "constant"
+  config.optimizer.weight_decay = spec.get("weight_decay", 0.0)
+  config.optimizer.grad_clip_norm = spec.get("max_grad_norm", 0.0)
+  config.model.preset = spec["preset"]
+  config.model.dtype = spec.get("dtype", "float32")
+  config.model.param_dtype = "float32"
+  config.logps_chunk_size = spec.get("logps_chunk_size", 2048)
+  return config
+
+
+def main():
+  spec = _protocol.read_spec()
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from alignment import models
+  from alignment.data.batches import PreferenceBatch
+  from alignment.trainers import common
+
+  task = spec["task"]
+  cfg = models.get_preset(
+    spec["preset"],
+    dtype=spec.get("dtype", "float32"),
+    **spec.get("model_overrides", {}),
+  )
+  kind = "reward" if task == "rm" else "causal_lm"
+  model = models.build_model(kind, cfg, rngs=nnx.Rngs(spec.get("seed", 0)))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  del model
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  info = {
+    "side": "ours",
+    "jax": jax.__version__,
+    "backend": jax.default_backend(),
+    "params": int(n_params),
+    "dtype": cfg.dtype,
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
+
+  def state_of(config, params):
+    tx = common.make_optimizer(config.optimizer, 10**6)
+    return tx, common.train_state(params, tx.init(params), 0, jax.random.key(0))
+
+  if task in ("dpo", "rm"):
+    prompt, chosen, rejected = _protocol.preference_ids(spec)
+    b, p = prompt.shape
+    eos = np.full((b, 1), cfg.eos_id)
+    chosen_tokens = np.concatenate([prompt, chosen, eos], 1).astype(np.int32)
+    rejected_tokens = np.concatenate([prompt, rejected, eos], 1).astype(
+      np.int32
+    )
+    length = chosen_tokens.shape[1]
+    attn = np.ones((b, length), bool)
+    comp = np.zeros((b, length), bool)
+    comp[:, p:] = True
+    batch = PreferenceBatch(
+      chosen_tokens=jnp.asarray(chosen_tokens),
+      chosen_attention_mask=jnp.asarray(attn),
+      chosen_completion_mask=jnp.asarray(comp),
+      rejected_tokens=jnp.asarray(rejected_tokens),
+      rejected_attention_mask=jnp.asarray(attn),
+      rejected_completion_mask=jnp.asarray(comp),
+      example_mask=jnp.ones((b,), bool),
+    )
+    tokens_per_step = 2 * b * length
+    info["batch_shape"] = [2 * b, length]
+    info["ids_checksum"] = int(chosen_tokens.sum() + rejected_tokens.sum())
+    if task == "dpo":
+      from alignment.trainers import preference
+
+      config = _common_config(_config("preference", "runlocal"), spec)
+      config.loss.beta = spec.get("beta", 0.1)
+      loss_fn, _, needs_ref = preference.make_loss_fn(graphdef, rest, config)
+      assert needs_ref
+      frozen = jax.tree.map(lambda x: x + 0, params)
+    else:
+      from alignment.trainers import reward_model
+
+      config = _common_config(_config("reward_model", "runlocal"), spec)
+      loss_fn = reward_model.make_loss_fn(graphdef, rest, config)
+      frozen = None
+    tx, state = state_of(config, params)
+    step = jax.jit(common.make_train_step(loss_fn, tx), donate_argnums=(0,))
+    holder = {"state": state}
+
+    def one_step():
+      holder["state"], metrics = step(holder["state"], frozen, batch)
+      jax.block_until_ready((holder["state"], metrics))
+
+  elif task == "grpo":
+    from alignment import sampling
+    from alignment.trainers import _lm, rl
+
+    config = _common_config(_config("rl", "runlocal"), spec)
+    group = spec["num_generations"]
+    config.rl.num_generations = group
+    config.rl.max_new_tokens = spec["completion_len"]
+    config.rl.temperature = 1.0
+    config.kl.beta = spec.get("beta", 0.04)
+    config.kl.mode = "loss" if config.kl.beta else "none"
+    config.loss_aggregation = spec.get("loss_aggregation", "sequence_mean")
+    _, _, ahyper = rl._check(config)  # noqa: SLF001 - the trainer's own check
+    loss_fn = rl.make_policy_loss(graphdef, rest, None, None, config)
+    tx, state = state_of(config, {"policy": params})
+    train = jax.jit(common.make_train_step(loss_fn, tx), donate_argnums=(0,))
+    ref = jax.tree.map(lambda x: x + 0, params)
+    # EOS outside the vocabulary: every row samples exactly T tokens, as
+    # on the peers' side (min_new_tokens / no EOS), so the work is equal.
+    sampler = sampling.Sampler(
+      graphdef,
+      rest,
+      max_new_tokens=spec["completion_len"],
+      eos_id=cfg.vocab_size,
+      pad_id=cfg.pad_id,
+    )
+    prompts = jnp.asarray(
+      _protocol.random_ids(spec, (spec["batch"], spec["prompt_len"]), 4),
+      jnp.int32,
+    )
+    prompt_mask = jnp.ones(prompts.shape, bool)
+    chunk = config.logps_chunk_size
+
+    @jax.jit
+    def forward_logps(p, tokens, attention_mask, loss_mask):
+      m = nnx.merge(graphdef, p, rest)
+      lp, _ = _lm.completion_token_logps(
+        m, tokens, attention_mask, attention_mask, chunk_size=chunk
+      )
+      return jnp.where(loss_mask, lp, 0.0)
+
+    @jax.jit
+    def prepare(out):
+      p_len = out.prompt_tokens.shape[1]
+      tokens = jnp.concatenate([out.prompt_tokens, out.completion_tokens], 1)
+      attn = jnp.concatenate([out.prompt_mask, out.completion_mask], 1)
+      loss_mask = rl._align_completion(out.completion_mask, p_len, False)  # noqa: SLF001
+      sampler_lp = rl._align_completion(out.token_logps, p_len)  # noqa: SLF001
+      # A cheap stand-in reward (fraction of even ids), as TRL's side uses a
+      # cheap Python reward function.
+      even = (out.completion_tokens % 2 == 0) & out.completion_mask
+      rewards = jnp.sum(even, 1) / jnp.maximum(
+        jnp.sum(out.completion_mask, 1), 1
+      )
+      lengths = jnp.sum(out.completion_mask, 1)
+      return (
+        tokens,
+        attn,
+        loss_mask,
+        sampler_lp,
+        rewards.astype(jnp.float32),
+        lengths,
+      )
+
+    holder = {"state": state, "it": 0}
+    n = spec["batch"] * group
+    tokens_per_step = n * (spec["prompt_len"] + spec["completion_len"])
+
+    def one_step():
+      st = holder["state"]
+      holder["it"] += 1
+      key = jax.random.fold_in(jax.random.key(17), holder["it"])
+      out = sampler.generate(
+        st["params"]["policy"],
+        prompts,
+        prompt_mask,
+        key,
+        num_samples=group,
+        temperature=1.0,
+      )
+      tokens, attn, loss_mask, sampler_lp, rewards, lengths = prepare(out)
+      old_lp = forward_logps(st["params"]["policy"], tokens, attn, loss_mask)
+      ref_lp = forward_logps(ref, tokens, attn, loss_mask)
+      adv, _ = rl.compute_advantages(
+        config, ahyper, rewards, lengths, loss_mask, None, group
+      )
+      ro = rl.Rollout(
+        tokens, attn, loss_mask, sampler_lp, old_lp, ref_lp, adv, rewards
+      )
+      holder["state"], metrics = train(st, None, ro)
+      jax.block_until_ready((holder["state"], metrics))
+
+  else:
+    raise ValueError(f"unknown task {task!r}")
+
+  info["setup_s"] = time.perf_counter() - T0
+  server = _protocol.StepServer(
+    warmup=spec.get("warmup", 2), tokens_per_step=tokens_per_step, info=info
+  )
+  _protocol.run_loop(server, one_step)
+
+
+if __name__ == "__main__":
+  T0 = time.perf_counter()
+  _protocol.guarded(main)

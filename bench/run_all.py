@@ -1,0 +1,768 @@
+r"""Every benchmark against its peers, side by side, on this machine.
+
+  .venv/bin/python bench/run_all.py            # full run (~20 min, 2 cores)
+  .venv/bin/python bench/run_all.py --quick    # tiny preset only, minutes
+  .venv/bin/python bench/run_all.py --only dpo --presets small --rounds 5
+
+What it does:
+
+1. Creates the peers' virtual environments if missing
+   (``bench/peers/setup_venvs.py``: ``.venv-oracle`` with torch 2.13.0 CPU,
+   trl 1.16.0, transformers 5.23.0; ``.venv-tunix`` with google-tunix 0.1.7)
+   and looks for jemalloc (``libjemalloc2``).
+2. Allocator probe: the DPO step on the ``small`` preset under glibc malloc
+   and under jemalloc (``LD_PRELOAD``), for our JAX side and for TRL; each
+   framework then runs every benchmark under the allocator that served it
+   best (JAX's choice also applies to Tunix, which shares XLA's runtime).
+3. For the ``tiny`` and ``small`` presets, the DPO train step (ours, TRL
+   ``DPOTrainer`` in float32 and with TRL's defaults, Tunix ``DPOTrainer``),
+   the reward-model train step (ours, TRL ``RewardTrainer``) and one GRPO
+   iteration: sampling + update (ours, TRL ``GRPOTrainer``, Tunix
+   ``GRPOLearner``). Same Llama configuration (our preset's), same batch,
+   sequence lengths, group size, optimiser (AdamW, constant lr, clip 1.0).
+   Each side is a worker subprocess (``bench/ours.py``,
+   ``bench/peers/*_worker.py``) that builds and compiles once; the workers
+   then take turns, ``--steps`` steps each, for ``--rounds`` rounds with
+   the order reversed every other round (A B C, C B A, ...), so slow drift
+   of a shared machine hits every side alike. Reported: median step time
+   over rounds (of each round's median) with its min-max spread, tokens/s
+   (sequence positions per step / median step time), process CPU s/step,
+   and the worker's peak RSS (``ru_maxrss``: imports, model, compilation,
+   every step). Ratios are medians of per-round ratios.
+4. The other helpers' benchmarks, when present: ``bench/logprobs.py``
+   (chunked vs naive log-probs at large vocabulary), ``bench/sampling.py``
+   (ours vs transformers ``generate`` vs Tunix's sampler), ``bench/data.py``.
+
+Results: ``bench/results/<benchmark>.json``, ``bench/results/run.json``
+(machine, versions, allocators, targets) and ``bench/results/
+README_table.md`` (the README includes it). Worker logs go to
+``bench/results/raw/`` (git-ignored).
+"""
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import platform
+import queue
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import _protocol  # noqa: E402
+
+PY = {
+  "ours": ROOT / ".venv" / "bin" / "python",
+  "trl": ROOT / ".venv-oracle" / "bin" / "python",
+  "tunix": ROOT / ".venv-tunix" / "bin" / "python",
+}
+SCRIPT = {
+  "ours": HERE / "ours.py",
+  "trl": HERE / "peers" / "trl_worker.py",
+  "tunix": HERE / "peers" / "tunix_worker.py",
+}
+FRAMEWORK = {"ours": "jax", "tunix": "jax", "trl": "torch"}
+LABEL = {
+  "ours": "ours (alignment, JAX)",
+  "trl": "TRL 1.16, fp32, no grad. ckpt",
+  "trl-defaults": "TRL 1.16, its defaults (bf16, grad. ckpt)",
+  "tunix": "Tunix 0.1.7",
+}
+NOT_AVAILABLE = {
+  ("rm", "tunix"): "Tunix 0.1.7 has no reward-model trainer",
+}
+TASK_TITLE = {
+  "dpo": "DPO train step",
+  "rm": "reward-model train step",
+  "grpo": "GRPO iteration (sampling + update)",
+}
+
+# Shapes per preset: small enough for 2 shared CPU cores, the same on
+# every side. GRPO: B prompts x G samples, P prompt + T sampled tokens.
+SHAPES = {
+  "tiny": {
+    "pairs": dict(batch=8, prompt_len=64, completion_len=63),
+    "grpo": dict(batch=4, num_generations=4, prompt_len=32, completion_len=32),
+    "steps": 4,
+  },
+  "small": {
+    "pairs": dict(batch=2, prompt_len=64, completion_len=63),
+    "grpo": dict(batch=2, num_generations=4, prompt_len=32, completion_len=32),
+    "steps": 2,
+  },
+}
+COMMON = dict(
+  learning_rate=1e-6, max_grad_norm=1.0, weight_decay=0.0, seed=0, warmup=2
+)
+TARGETS = {
+  "speed_vs_trl": 1.5,
+  "speed_vs_tunix": 1.0,
+  "memory_vs_trl_dpo_large_vocab": 0.5,
+}
+
+
+# ----------------------------------------------------------------------------
+# Workers
+# ----------------------------------------------------------------------------
+
+
+class Worker:
+  """One side of one benchmark: a subprocess speaking bench/_protocol.py."""
+
+  def __init__(self, side, spec, env_extra, log_path):
+    self.side = side
+    base = "trl" if side.startswith("trl") else side
+    self.cmd = [str(PY[base]), str(SCRIPT[base]), json.dumps(spec)]
+    env = dict(os.environ)
+    env.pop("LD_PRELOAD", None)
+    env.update(env_extra)
+    if FRAMEWORK[base] == "jax":
+      env.setdefault("JAX_PLATFORMS", "cpu")
+    self.log = open(log_path, "w")  # noqa: SIM115 - closed in close()
+    self.proc = subprocess.Popen(
+      self.cmd,
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      stderr=self.log,
+      text=True,
+      env=env,
+      cwd=ROOT,
+    )
+    self.events = queue.Queue()
+    threading.Thread(target=self._read, daemon=True).start()
+    self.ready = None
+    self.error = None
+    self.rounds = []
+    self.cpu_rounds = []
+    self.done = None
+
+  def _read(self):
+    for line in self.proc.stdout:
+      if line.startswith(_protocol.MARK):
+        self.events.put(json.loads(line[len(_protocol.MARK) :]))
+      else:
+        self.log.write(line)
+    self.events.put({"event": "eof"})
+
+  def wait(self, timeout):
+    try:
+      ev = self.events.get(timeout=timeout)
+    except queue.Empty:
+      self.kill(f"no answer within {timeout:.0f} s")
+      return None
+    if ev["event"] == "error":
+      self.error = ev["reason"]
+    elif ev["event"] == "eof":
+      self.error = self.error or (
+        f"worker exited (code {self.proc.wait()}) without a result; see "
+        f"{self.log.name}"
+      )
+      return None
+    return ev
+
+  def start(self, timeout):
+    ev = self.wait(timeout)
+    if ev is not None and ev["event"] == "ready":
+      self.ready = ev
+
+  def run(self, steps, timeout):
+    if self.error or not self.ready:
+      return
+    self.proc.stdin.write(json.dumps({"cmd": "run", "steps": steps}) + "\n")
+    self.proc.stdin.flush()
+    ev = self.wait(timeout)
+    if ev is not None and ev["event"] == "timed":
+      self.rounds.append(ev["step_s"])
+      self.cpu_rounds.append(ev["cpu_s"])
+
+  def quit(self, timeout=60):
+    if self.proc.poll() is None and self.ready and not self.error:
+      try:
+        self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+        self.proc.stdin.flush()
+        ev = self.wait(timeout)
+        if ev is not None and ev["event"] == "done":
+          self.done = ev
+      except BrokenPipeError:
+        pass
+    self.kill(None)
+
+  def kill(self, reason):
+    if reason and not self.error:
+      self.error = reason
+    if self.proc.poll() is None:
+      self.proc.kill()
+      self.proc.wait()
+    self.log.flush()
+
+
+def allocator_env(name, jemalloc_path):
+  if name == "jemalloc" and jemalloc_path:
+    return {"LD_PRELOAD": jemalloc_path, "MALLOC_CONF": "retain:true"}
+  return {}
+
+
+def run_benchmark(name, sides, spec_of, args, env_of, notes=None):
+  """Starts every side, interleaves step blocks, returns the result dict."""
+  raw = HERE / "results" / "raw"
+  raw.mkdir(parents=True, exist_ok=True)
+  print(f"\n== {name}: {', '.join(sides)}", flush=True)
+  t0 = time.perf_counter()
+  workers = {}
+  for side in sides:
+    workers[side] = Worker(
+      side, spec_of(side), env_of(side), raw / f"{name}.{side}.log"
+    )
+  for w in workers.values():
+    w.start(args.start_timeout)
+  live = [s for s in sides if workers[s].ready]
+  for r in range(args.rounds):
+    order = live if r % 2 == 0 else live[::-1]
+    for side in order:
+      workers[side].run(spec_of(side)["steps"], args.step_timeout)
+  for w in workers.values():
+    w.quit()
+  result = summarise(name, sides, workers, spec_of, env_of, notes or {})
+  result["wall_s"] = time.perf_counter() - t0
+  print_result(result)
+  return result
+
+
+def _median(xs):
+  return statistics.median(xs) if xs else None
+
+
+def summarise(name, sides, workers, spec_of, env_of, notes):
+  out = {"name": name, "sides": {}, "notes": notes}
+  for side in sides:
+    w = workers[side]
+    spec = spec_of(side)
+    entry = {
+      "label": LABEL.get(side.split("@")[0], side),
+      "command": " ".join(w.cmd[:2]),
+      "env": env_of(side),
+    }
+    if w.error and not w.rounds:
+      entry.update(status="not run", reason=w.error)
+    elif not w.rounds:
+      entry.update(status="not run", reason="no timed steps")
+    else:
+      per_round = [_median(r) for r in w.rounds]
+      cpu_round = [_median(r) for r in w.cpu_rounds]
+      med = _median(per_round)
+      tokens = w.ready["tokens_per_step"]
+      entry.update(
+        status="ok",
+        tokens_per_step=tokens,
+        steps_per_round=spec["steps"],
+        rounds_step_s=w.rounds,
+        rounds_cpu_s=w.cpu_rounds,
+        median_step_s=med,
+        spread_step_s=[min(per_round), max(per_round)],
+        tokens_per_s=tokens / med,
+        tokens_per_s_spread=[tokens / max(per_round), tokens / min(per_round)],
+        cpu_s_per_step=_median(cpu_round),
+        warmup_s=w.ready["warmup_s"],
+        rss_setup_mib=w.ready["rss_setup_kib"] / 1024,
+        peak_rss_mib=(w.done or {}).get("peak_rss_kib", 0) / 1024 or None,
+        info=w.ready["info"],
+      )
+      if w.error:
+        entry["warning"] = w.error
+    out["sides"][side] = entry
+  # Ratios of ours against each peer: medians of per-round ratios.
+  ours = out["sides"].get("ours") or next(
+    (v for k, v in out["sides"].items() if k.startswith("ours")), None
+  )
+  out["ratios"] = {}
+  if ours and ours.get("status") == "ok":
+    for side, entry in out["sides"].items():
+      if side.startswith("ours") or entry.get("status") != "ok":
+        continue
+      n = min(len(ours["rounds_step_s"]), len(entry["rounds_step_s"]))
+      speed = [
+        _median(entry["rounds_step_s"][i]) / _median(ours["rounds_step_s"][i])
+        for i in range(n)
+      ]
+      cpu = [
+        _median(entry["rounds_cpu_s"][i]) / _median(ours["rounds_cpu_s"][i])
+        for i in range(n)
+      ]
+      mem = None
+      if ours.get("peak_rss_mib") and entry.get("peak_rss_mib"):
+        mem = ours["peak_rss_mib"] / entry["peak_rss_mib"]
+      out["ratios"][side] = {
+        "speedup": _median(speed),
+        "speedup_spread": [min(speed), max(speed)],
+        "cpu_speedup": _median(cpu),
+        "memory_ratio": mem,
+        "same_tokens_per_step": ours["tokens_per_step"]
+        == entry["tokens_per_step"],
+        "same_ids": ours["info"].get("ids_checksum")
+        == entry["info"].get("ids_checksum"),
+      }
+  return out
+
+
+def print_result(result):
+  for side, e in result["sides"].items():
+    if e["status"] != "ok":
+      print(f"  {side:<22} not run: {e['reason']}", flush=True)
+      continue
+    ratio = result["ratios"].get(side)
+    extra = ""
+    if ratio:
+      extra = (
+        f"  ours x{ratio['speedup']:.2f} faster "
+        f"(cpu x{ratio['cpu_speedup']:.2f})"
+      )
+      if ratio["memory_ratio"]:
+        extra += f", memory {ratio['memory_ratio']:.2f}x"
+    print(
+      f"  {side:<22} {e['tokens_per_s']:>9.0f} tok/s  step "
+      f"{e['median_step_s']:.3f} s [{e['spread_step_s'][0]:.3f}-"
+      f"{e['spread_step_s'][1]:.3f}]  cpu {e['cpu_s_per_step']:.3f} s  "
+      f"peak {e['peak_rss_mib'] or 0:.0f} MiB{extra}",
+      flush=True,
+    )
+
+
+# ----------------------------------------------------------------------------
+# The benchmarks
+# ----------------------------------------------------------------------------
+
+
+def model_spec(preset):
+  from alignment.models import get_preset  # noqa: PLC0415
+
+  cfg = dataclasses.asdict(get_preset(preset))
+  return {
+    k: v
+    for k, v in cfg.items()
+    if v is None or isinstance(v, (int, float, str, bool))
+  }
+
+
+def make_spec(task, preset, args, side):
+  shapes = SHAPES[preset]
+  spec = dict(COMMON, task=task, preset=preset, model=model_spec(preset))
+  spec.update(shapes["grpo"] if task == "grpo" else shapes["pairs"])
+  spec["steps"] = args.steps or shapes["steps"]
+  if task == "dpo":
+    spec["beta"] = 0.1
+  if task == "grpo":
+    spec["beta"] = 0.04
+  if side.startswith("trl"):
+    spec["variant"] = "defaults" if side.startswith("trl-defaults") else "fp32"
+  return spec
+
+
+def machine_info():
+  cpu = ""
+  try:
+    for line in open("/proc/cpuinfo"):
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  mem = ""
+  try:
+    for line in open("/proc/meminfo"):
+      if line.startswith("MemTotal"):
+        mem = f"{int(line.split()[1]) / 2**20:.1f} GiB"
+  except OSError:
+    pass
+  commit = subprocess.run(
+    ["git", "rev-parse", "--short", "HEAD"],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    check=False,
+  ).stdout.strip()
+  return {
+    "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
+    "platform": platform.platform(),
+    "cpu": cpu,
+    "cores": os.cpu_count(),
+    "memory": mem,
+    "load_average_start": os.getloadavg(),
+    "commit": commit,
+    "python": platform.python_version(),
+  }
+
+
+def run_external(script, argv, timeout):
+  """Runs another helper's benchmark script; returns its captured output."""
+  path = HERE / script
+  if not path.exists():
+    return {"status": "not run", "reason": f"bench/{script} is not there"}
+  cmd = [str(PY["ours"]), str(path), *argv]
+  print(f"\n== {script} {' '.join(argv)}", flush=True)
+  t0 = time.perf_counter()
+  try:
+    res = subprocess.run(
+      cmd,
+      capture_output=True,
+      text=True,
+      cwd=ROOT,
+      timeout=timeout,
+      check=False,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+  except subprocess.TimeoutExpired:
+    return {
+      "status": "not run",
+      "reason": f"timed out after {timeout} s",
+      "command": " ".join(cmd[1:]),
+    }
+  out = {
+    "command": "python " + " ".join(cmd[1:]),
+    "output": res.stdout,
+    "wall_s": time.perf_counter() - t0,
+  }
+  print(res.stdout[-4000:], flush=True)
+  if res.returncode:
+    out.update(status="failed", reason=res.stderr[-1500:])
+  else:
+    out["status"] = "ok"
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser(
+    description=__doc__.split("\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help="tiny preset, 2 rounds, no allocator probe",
+  )
+  parser.add_argument("--presets", default="tiny,small")
+  parser.add_argument("--only", default="dpo,rm,grpo,logprobs,sampling,data")
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument(
+    "--steps",
+    type=int,
+    default=0,
+    help="steps per side per round (0: preset default)",
+  )
+  parser.add_argument(
+    "--allocator",
+    default="auto",
+    choices=("auto", "glibc", "jemalloc"),
+    help="auto: probe both on the small DPO step",
+  )
+  parser.add_argument(
+    "--no-trl-defaults",
+    action="store_true",
+    help="skip the TRL-defaults (bf16 + ckpt) side",
+  )
+  parser.add_argument(
+    "--no-setup", action="store_true", help="do not create the peer venvs"
+  )
+  parser.add_argument("--start-timeout", type=float, default=900)
+  parser.add_argument("--step-timeout", type=float, default=600)
+  parser.add_argument("--out", default=str(HERE / "results"))
+  args = parser.parse_args()
+  if args.quick:
+    args.presets = "tiny"
+    args.rounds = min(args.rounds, 2)
+    if args.allocator == "auto":
+      args.allocator = "jemalloc"
+  only = set(args.only.split(","))
+  out_dir = pathlib.Path(args.out)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  t_start = time.perf_counter()
+
+  setup_cmd = [
+    sys.executable,
+    str(HERE / "peers" / "setup_venvs.py"),
+    "--jemalloc",
+  ] + (["--check"] if args.no_setup else [])
+  setup = [
+    json.loads(line)
+    for line in subprocess.run(
+      setup_cmd, capture_output=True, text=True, check=False, cwd=ROOT
+    ).stdout.splitlines()
+    if line.startswith("{")
+  ]
+  venv_ok = {d["venv"]: d for d in setup if "venv" in d}
+  jemalloc = next((d["jemalloc"] for d in setup if "jemalloc" in d), None)
+  unavailable = {}
+  for side, venv in (("trl", ".venv-oracle"), ("tunix", ".venv-tunix")):
+    if not venv_ok.get(venv, {}).get("ok"):
+      unavailable[side] = (
+        f"{venv} unavailable: {venv_ok.get(venv, {}).get('reason', '?')}"
+      )
+
+  run = {
+    "machine": machine_info(),
+    "setup": setup,
+    "targets": TARGETS,
+    "args": vars(args),
+  }
+  print(json.dumps(run["machine"]), flush=True)
+  results = {}
+
+  # Allocators per framework.
+  chosen = {"jax": "glibc", "torch": "glibc"}
+  if args.allocator == "jemalloc" and jemalloc:
+    chosen = {"jax": "jemalloc", "torch": "jemalloc"}
+  probe_sides = ["ours@glibc", "ours@jemalloc"]
+  if "trl" not in unavailable:
+    probe_sides += ["trl@glibc", "trl@jemalloc"]
+  if args.allocator == "auto" and jemalloc and "dpo" in only:
+    preset = "small" if "small" in args.presets else args.presets.split(",")[0]
+    res = run_benchmark(
+      f"allocators_dpo_{preset}",
+      probe_sides,
+      lambda side: make_spec("dpo", preset, args, side.split("@")[0]),
+      args,
+      lambda side: allocator_env(side.split("@")[1], jemalloc),
+      notes={"purpose": "pick each framework's allocator"},
+    )
+    results[res["name"]] = res
+    for fw, base in (("jax", "ours"), ("torch", "trl")):
+      g = res["sides"].get(f"{base}@glibc", {})
+      j = res["sides"].get(f"{base}@jemalloc", {})
+      if g.get("status") == "ok" and j.get("status") == "ok":
+        chosen[fw] = (
+          "jemalloc" if j["median_step_s"] < g["median_step_s"] else "glibc"
+        )
+  elif args.allocator == "auto":
+    chosen = {"jax": "jemalloc", "torch": "jemalloc"} if jemalloc else chosen
+  run["allocators"] = {**chosen, "jemalloc_path": jemalloc}
+  print(f"allocators: {run['allocators']}", flush=True)
+
+  def env_of(side):
+    base = side.split("@")[0]
+    fw = FRAMEWORK["trl" if base.startswith("trl") else base]
+    return allocator_env(chosen[fw], jemalloc)
+
+  for preset in args.presets.split(","):
+    for task in ("dpo", "rm", "grpo"):
+      if task not in only:
+        continue
+      sides = ["ours", "trl"]
+      if not args.no_trl_defaults:
+        sides.append("trl-defaults")
+      sides.append("tunix")
+      notes = {}
+      run_sides = []
+      for side in sides:
+        base = "trl" if side.startswith("trl") else side
+        reason = NOT_AVAILABLE.get((task, base)) or unavailable.get(base)
+        if reason:
+          notes[side] = reason
+        else:
+          run_sides.append(side)
+      name = f"{task}_{preset}"
+      res = run_benchmark(
+        name,
+        run_sides,
+        lambda side, task=task, preset=preset: make_spec(
+          task, preset, args, side
+        ),
+        args,
+        env_of,
+        notes,
+      )
+      res.update(
+        task=task, preset=preset, spec=make_spec(task, preset, args, "ours")
+      )
+      for side, reason in notes.items():
+        res["sides"][side] = {
+          "label": LABEL[side],
+          "status": "not run",
+          "reason": reason,
+        }
+      results[name] = res
+      (out_dir / f"{name}.json").write_text(json.dumps(res, indent=1))
+
+  quick = args.quick
+  ext_env = env_of("ours")
+  os.environ.update(ext_env)
+  if "logprobs" in only:
+    results["logprobs"] = run_external(
+      "logprobs.py",
+      ["--quick"]
+      if quick
+      else ["--vocabs", "32768", "--length", "512", "--repeats", "3"],
+      timeout=900,
+    )
+  if "sampling" in only:
+    results["sampling"] = run_external(
+      "sampling.py",
+      (["--quick"] if quick else ["--new-tokens", "128", "--rounds", "3"])
+      + ["--no-positions", "--json", str(out_dir / "sampling_raw.json")],
+      timeout=900,
+    )
+  if "data" in only:
+    results["data"] = run_external(
+      "data.py",
+      ["--quick", "--json", str(out_dir / "data_raw.json")],
+      timeout=600,
+    )
+  for key in ("logprobs", "sampling", "data"):
+    if key in results:
+      results[key]["allocator"] = chosen["jax"]
+      (out_dir / f"{key}.json").write_text(json.dumps(results[key], indent=1))
+  for key, res in results.items():
+    if key.startswith("allocators"):
+      (out_dir / f"{key}.json").write_text(json.dumps(res, indent=1))
+
+  run["machine"]["load_average_end"] = os.getloadavg()
+  run["wall_s"] = time.perf_counter() - t_start
+  run["benchmarks"] = sorted(results)
+  (out_dir / "run.json").write_text(json.dumps(run, indent=1))
+  table = render_table(run, results)
+  (out_dir / "README_table.md").write_text(table)
+  print("\n" + table, flush=True)
+
+
+# ----------------------------------------------------------------------------
+# Markdown
+# ----------------------------------------------------------------------------
+
+
+def _fmt_ratio(x):
+  return "–" if x is None else f"{x:.2f}x"
+
+
+def render_table(run, results):
+  m = run["machine"]
+  lines = [
+    f"Measured {m['date_utc']} UTC on {m['cpu'] or m['platform']}, "
+    f"{m['cores']} cores, {m['memory']} RAM ({m['platform']}), commit "
+    f"`{m['commit']}`; load average {m['load_average_start'][0]:.1f} at "
+    f"start, {m.get('load_average_end', [0])[0]:.1f} at end (shared "
+    f"machine: compare ratios, not absolute figures). Allocators: JAX "
+    f"sides (ours, Tunix) {run['allocators']['jax']}, torch (TRL) "
+    f"{run['allocators']['torch']}. Total wall time "
+    f"{run['wall_s'] / 60:.1f} min.",
+    "",
+    "tokens/s = sequence positions per step / median step time (median of "
+    "per-round medians; [min–max] over rounds). CPU = process CPU seconds "
+    "per step (all threads). Peak = worker's peak RSS. 'ours ×' = median "
+    "of per-round (peer step time / our step time): >1 means ours is "
+    "faster; 'mem' = our peak RSS / the peer's.",
+    "",
+    "| benchmark | side | tokens/s [spread] | step s | CPU s/step | peak "
+    "RSS MiB | ours × (wall) | ours × (CPU) | mem ours/peer |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+  ]
+  order = [
+    k for k in results if not k.startswith(("logprobs", "sampling", "data"))
+  ]
+  for key in order:
+    res = results[key]
+    if "task" in res:
+      spec = res["spec"]
+      if res["task"] == "grpo":
+        shape = (
+          f"B={spec['batch']}×G={spec['num_generations']}, "
+          f"P={spec['prompt_len']}+T={spec['completion_len']}"
+        )
+      else:
+        shape = (
+          f"B={spec['batch']} pairs, L="
+          f"{spec['prompt_len'] + spec['completion_len'] + 1}"
+        )
+      title = (
+        f"{TASK_TITLE[res['task']]}, {res['preset']} "
+        f"(V={spec['model']['vocab_size']}, {shape})"
+      )
+    else:
+      title = f"allocator probe: {key}"
+    for side, e in res["sides"].items():
+      if e["status"] != "ok":
+        lines.append(
+          f"| {title} | {e.get('label', side)} | not run: "
+          f"{e['reason'][:160]} | | | | | | |"
+        )
+        continue
+      r = res["ratios"].get(side, {})
+      label = e["label"] + (f" [{side.split('@')[1]}]" if "@" in side else "")
+      lines.append(
+        f"| {title} | {label} | {e['tokens_per_s']:.0f} "
+        f"[{e['tokens_per_s_spread'][0]:.0f}–"
+        f"{e['tokens_per_s_spread'][1]:.0f}] | {e['median_step_s']:.3f} | "
+        f"{e['cpu_s_per_step']:.3f} | {e['peak_rss_mib'] or 0:.0f} | "
+        f"{_fmt_ratio(r.get('speedup'))} | "
+        f"{_fmt_ratio(r.get('cpu_speedup'))} | "
+        f"{_fmt_ratio(r.get('memory_ratio'))} |"
+      )
+  lines += ["", "Targets (issue 8):", ""]
+  lines += targets_lines(results)
+  for key, title in (
+    ("logprobs", "Log-prob path (bench/logprobs.py)"),
+    ("sampling", "Sampling (bench/sampling.py)"),
+    ("data", "Data pipeline (bench/data.py)"),
+  ):
+    if key not in results:
+      continue
+    r = results[key]
+    lines += ["", f"{title}:", ""]
+    if r["status"] != "ok":
+      lines.append(f"not run: {r['reason'][-300:]}")
+    else:
+      lines += [f"`{r['command']}`", "", "```", r["output"].rstrip(), "```"]
+  return "\n".join(lines) + "\n"
+
+
+def targets_lines(results):
+  out = []
+  for task in ("dpo", "rm", "grpo"):
+    for preset in ("tiny", "small"):
+      res = results.get(f"{task}_{preset}")
+      if not res:
+        continue
+      for peer, target in (
+        ("trl", TARGETS["speed_vs_trl"]),
+        ("tunix", TARGETS["speed_vs_tunix"]),
+      ):
+        r = res["ratios"].get(peer)
+        if r is None:
+          why = res["sides"].get(peer, {}).get("reason", "not run")
+          out.append(
+            f"- {TASK_TITLE[task]}, {preset}: ≥{target}x {peer} "
+            f"speed: not measured ({why[:120]})"
+          )
+          continue
+        met = "met" if r["speedup"] >= target else "NOT met"
+        out.append(
+          f"- {TASK_TITLE[task]}, {preset}: ≥{target}x {peer} "
+          f"speed: {met} ({r['speedup']:.2f}x wall, "
+          f"{r['cpu_speedup']:.2f}x CPU)"
+        )
+  for preset in ("tiny", "small"):
+    res = results.get(f"dpo_{preset}")
+    if not res or res["spec"]["model"]["vocab_size"] < 32000:
+      continue
+    r = res["ratios"].get("trl")
+    if r and r["memory_ratio"]:
+      met = (
+        "met"
+        if r["memory_ratio"] <= TARGETS["memory_vs_trl_dpo_large_vocab"]
+        else "NOT met"
+      )
+      out.append(
+        f"- DPO peak memory ≤0.5x TRL at V="
+        f"{res['spec']['model']['vocab_size']} ({preset}): {met} "
+        f"({r['memory_ratio']:.2f}x)"
+      )
+  return out
+
+
+if __name__ == "__main__":
+  main()
