@@ -110,6 +110,9 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str, *,
   repl = sharding_lib.replicated(mesh)
   shardings = {"params": sharded.param_shardings, "opt_state": opt_shardings,
                "step": repl, "rng": repl}
+  # Commit every leaf to its sharding now: an uncommitted step/rng would
+  # make the first call of the jitted step compile twice.
+  state = jax.device_put(state, shardings)
   ckpt_cfg = config.get("checkpoint", ml_collections.ConfigDict())
   checkpointer = None
   data_state = None

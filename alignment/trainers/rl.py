@@ -301,6 +301,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   state = common.train_state(
       params, jax.jit(tx.init, out_shardings=opt_sh)(params), 0,
       jax.random.key(config.seed))
+  state = jax.device_put(state, state_sh)  # committed: one compile of step
   prompts_it = _data.iterator(config, "prompt", tokenizer)
   start_iter = 0
   if run_.checkpointer is not None:
