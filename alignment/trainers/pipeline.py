@@ -54,6 +54,16 @@ def _mark(workdir: pathlib.Path, name: str, payload: dict):
     tmp.replace(workdir / f"{name}.done")
 
 
+def _drop_empty(rows, name):
+  """Drops pairs with an empty completion (the policy emitted EOS first);
+  the data pipeline rejects those rows, so they are counted and reported."""
+  kept = [r for r in rows if r["chosen"] and r["rejected"]]
+  if len(kept) < len(rows):
+    _log(f"{name}: dropped {len(rows) - len(kept)} of {len(rows)} pairs with "
+         "an empty completion")
+  return kept
+
+
 def _sample_pairs(evaluator: policy_eval.PolicyEvaluator, params, seed):
   out, texts = evaluator.sample(params, seed, num_samples=2, temperature=1.0)
   a, b = texts[0::2], texts[1::2]
@@ -74,6 +84,7 @@ def generate_preference_data(config, sft_params, graphdef, rest, tokenizer,
     _, a, b = _sample_pairs(ev, sft_params, config.pairs.sample_seed + seed)
     labelled = task.label_pairs(prompts, a, b, seed=config.pairs.label_seed +
                                 seed)
+    labelled = _drop_empty(labelled, f"pairs_{split}")
     data_lib.write_jsonl(labelled, data_dir / f"pairs_{split}.jsonl")
     rows[split] = labelled
   return rows
@@ -96,6 +107,7 @@ def relabel_with_reward_model(config, sft_params, graphdef, rest, tokenizer,
   for p, x, y, s1, s2 in zip(prompts, a, b, sa, sb, strict=True):
     chosen, rejected = (x, y) if s1 >= s2 else (y, x)
     rows.append({"prompt": p, "chosen": chosen, "rejected": rejected})
+  rows = _drop_empty(rows, "pairs_dpo")
   data_lib.write_jsonl(rows, data_dir / "pairs_dpo.jsonl")
   agree = np.mean((sa >= sb) == (task.gold_rewards(prompts, a) >=
                                  task.gold_rewards(prompts, b)))
