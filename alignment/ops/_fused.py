@@ -151,20 +151,25 @@ def _bwd_tile(h_c, w_v, t_c, lse_c, ent_c, g_c, gent_c, col0, st: _Static):
   return dz
 
 
-def _bwd_vocab_tile(dh, h, w_v, t, lse, ent, g, gent, col0, st: _Static):
-  """Adds one vocabulary tile's contribution to ``dh``; returns ``dw_v``."""
+def _bwd_vocab_tile(dh, h, h_t, w_v, t, lse, ent, g, gent, col0, st: _Static):
+  """Adds one vocabulary tile's contribution to ``dh``; returns ``dw_v``.
+
+  ``h_t`` is ``h`` with its last two axes swapped, so that the ``dw_v``
+  product is a plain ``[D, C] x [C, Vc]`` matmul (a transposed-operand dot
+  is not picked up by XLA:CPU's fast matmul path).
+  """
   compute_dtype = w_v.dtype
 
   def rows(dw_v, xs):
-    dh_c, h_c, t_c, lse_c, ent_c, g_c, gent_c = xs
+    dh_c, h_c, h_t_c, t_c, lse_c, ent_c, g_c, gent_c = xs
     dz = _bwd_tile(h_c, w_v, t_c, lse_c, ent_c, g_c, gent_c, col0, st)
     dz = dz.astype(compute_dtype)
     dh_c = dh_c + _dot(dz, w_v, ((1,), (1,)))
-    dw_v = dw_v + _dot(h_c, dz, ((0,), (0,)))
+    dw_v = dw_v + _dot(h_t_c, dz, ((1,), (0,)))
     return dw_v, dh_c
 
   dw_v = jnp.zeros(w_v.shape, jnp.float32)
-  xs = (dh, h, t, lse, ent, g, gent)
+  xs = (dh, h, h_t, t, lse, ent, g, gent)
   if h.shape[0] == 1:
     dw_v, dh_c = rows(dw_v, jax.tree.map(lambda x: x[0], xs))
     return dh_c[None], dw_v
@@ -176,9 +181,10 @@ def _backward(h, w, t, lse, ent, g, gent, st: _Static):
   vocab = w.shape[1]
   n_full, tail = _vocab_tiles(vocab, st.vocab_chunk)
   dh = jnp.zeros(h.shape, jnp.float32)
+  h_t = jnp.swapaxes(h, 1, 2)
   args = (t, lse, ent, g, gent)
   if n_full == 1:
-    dh, dw = _bwd_vocab_tile(dh, h, w[:, : st.vocab_chunk], *args, 0, st)
+    dh, dw = _bwd_vocab_tile(dh, h, h_t, w[:, : st.vocab_chunk], *args, 0, st)
   else:
     dw = jnp.zeros((w.shape[0], n_full * st.vocab_chunk), jnp.float32)
 
@@ -186,13 +192,13 @@ def _backward(h, w, t, lse, ent, g, gent, st: _Static):
       dh, dw = carry
       col0 = v * st.vocab_chunk
       w_v = jax.lax.dynamic_slice_in_dim(w, col0, st.vocab_chunk, axis=1)
-      dh, dw_v = _bwd_vocab_tile(dh, h, w_v, *args, col0, st)
+      dh, dw_v = _bwd_vocab_tile(dh, h, h_t, w_v, *args, col0, st)
       return dh, jax.lax.dynamic_update_slice_in_dim(dw, dw_v, col0, axis=1)
 
     dh, dw = jax.lax.fori_loop(0, n_full, body, (dh, dw))
   if tail:
     col0 = n_full * st.vocab_chunk
-    dh, dw_tail = _bwd_vocab_tile(dh, h, w[:, col0:], *args, col0, st)
+    dh, dw_tail = _bwd_vocab_tile(dh, h, h_t, w[:, col0:], *args, col0, st)
     dw = jnp.concatenate([dw, dw_tail], axis=1)
   return dh, dw
 
