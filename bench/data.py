@@ -21,7 +21,7 @@ Two shapes: ``default`` is the default run's DPO stage (letters task, batch
 text (prompts 100-900 bytes kept from the end, responses 50-600 bytes,
 batch 8, 256 + 256 tokens, byte tokenizer).
 
-  python bench/data.py               # both shapes, ~1-2 minutes
+  python bench/data.py               # both shapes, a few minutes
   python bench/data.py --quick       # fewer rounds
   taskset -c 0,1 python bench/data.py   # pin to 2 cores on a larger machine
 """
@@ -150,7 +150,7 @@ def run(name, args, root):
   loss.block_until_ready()
   compile_s = time.perf_counter() - t0
   fixed = _device(first)
-  k = args.batches
+  k = args.batches if name == "default" else args.long_batches
   pipe, stepr, overlap = [], [], []
   for _ in range(args.rounds):
     t0 = time.perf_counter()
@@ -191,12 +191,23 @@ def main():
   ap.add_argument("--settings", default="default,long")
   ap.add_argument("--rows", type=int, default=4096)
   ap.add_argument("--rounds", type=int, default=7)
-  ap.add_argument("--batches", type=int, default=20)
+  ap.add_argument(
+    "--batches",
+    type=int,
+    default=20,
+    help="batches per round and side (default shape)",
+  )
+  ap.add_argument(
+    "--long_batches",
+    type=int,
+    default=3,
+    help="batches per round and side (long shape)",
+  )
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--json", default="")
   args = ap.parse_args()
   if args.quick:
-    args.rounds, args.batches, args.rows = 3, 8, 1024
+    args.rounds, args.batches, args.long_batches, args.rows = 3, 8, 2, 1024
   print(
     f"# {platform.node()} {platform.processor() or platform.machine()}, "
     f"{os.cpu_count()} cpus, affinity "

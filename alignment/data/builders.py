@@ -779,6 +779,8 @@ class HendrycksMath(_Builder):
 
   @classmethod
   def find_files(cls, root, split):
+    if root.name == split:  # the split directory itself
+      return _glob(root, ("*.json",))
     files = [
       p
       for p in _glob(root, ("*.json",))

@@ -1064,9 +1064,16 @@ class DataIterator:
   def set_state(self, state: Mapping):
     """Restores :meth:`get_state` output (from this or a fresh process).
 
+    Without packing every host advances in lock step (slot ``k`` of each
+    host belongs to the same global chunk), so one host's state restores
+    every host: a checkpoint that keeps only process 0's state (orbax JSON
+    extras) is enough. The counters are then process 0's. Packed streams
+    advance per host and need each host's own state.
+
     Raises:
       ValueError: the state belongs to a different dataset, seed, batch
-        size, shuffling, epoch count or host layout.
+        size, shuffling, epoch count or process count, or (packing) to
+        another host.
     """
     state = dict(state)
     if state.get("version") != _STATE_VERSION:
@@ -1075,6 +1082,8 @@ class DataIterator:
         f" is not {_STATE_VERSION}."
       )
     mine = self._identity()
+    if not self._packing:
+      mine.pop("process_index")
     diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
     if diff:
       raise ValueError(

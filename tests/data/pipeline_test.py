@@ -356,6 +356,14 @@ class StreamTest(parameterized.TestCase):
       self._it(4).set_state(state)
     with self.assertRaisesRegex(ValueError, "process_count"):
       self._it(3, 0, 2).set_state(state)
+    # Lock-step hosts: process 0's state restores host 1 exactly.
+    h0, h1 = self._it(2, 0, 2), self._it(2, 1, 2)
+    _take(h0, 3)
+    want = _take(h1, 5)[3:]
+    h1 = self._it(2, 1, 2)
+    h1.set_state(h0.get_state())
+    for w, g in zip(want, _take(h1, 2), strict=True):
+      np.testing.assert_array_equal(w.chosen_tokens, g.chosen_tokens)
     with self.assertRaisesRegex(ValueError, "seed"):
       self._it(3, seed=5).set_state(state)
     with self.assertRaisesRegex(ValueError, "version"):
