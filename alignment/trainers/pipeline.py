@@ -57,7 +57,7 @@ def _mark(workdir: pathlib.Path, name: str, payload: dict):
 def _drop_empty(rows, name):
   """Drops pairs with an empty completion (the policy emitted EOS first);
   the data pipeline rejects those rows, so they are counted and reported."""
-  kept = [r for r in rows if r["chosen"] and r["rejected"]]
+  kept = [r for r in rows if r["chosen"].strip() and r["rejected"].strip()]
   if len(kept) < len(rows):
     _log(f"{name}: dropped {len(rows) - len(kept)} of {len(rows)} pairs with "
          "an empty completion")
