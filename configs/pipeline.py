@@ -30,7 +30,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.trainer = "pipeline"
   config.seed = ml_collections.FieldReference(arg.seed)
   config.task = ml_collections.ConfigDict(dict(
-      n_prompt_letters=5, completion_len=8, p_in=0.3, label_temperature=0.1))
+      n_prompt_letters=5, completion_len=8, p_in=0.3, label_temperature=0.1,
+      rule="half"))
 
   config.sft = _stage("sft", steps=20 if q else 400, batch=32, lr=3e-3,
                       preset=arg.model,
@@ -42,6 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       prompt_seed=100 + arg.seed, sample_seed=200 + arg.seed,
       label_seed=300 + arg.seed))
   config.dpo_pairs = ml_collections.ConfigDict(dict(num=256 if q else 1024))
+  config.rm_from_sft = True  # reward-model backbone starts from the SFT policy
 
   rm = _stage("reward_model", steps=20 if q else 400, batch=32, lr=1e-3,
               preset=arg.model, data_kw=dict(source="jsonl"))

@@ -3,16 +3,21 @@
 "Letters" task. A prompt is ``n_prompt_letters`` distinct lowercase letters
 followed by ``">"`` (``"qwert>"``). A completion is a string of lowercase
 letters. The gold reward of a completion is the fraction of its first
-``completion_len`` characters that occur in the prompt, so it lies in
-``[0, 1]``, depends on the prompt (a reward model must compare completion and
-prompt, through attention) and is cheap to compute exactly:
+``completion_len`` characters that belong to the prompt's *preferred set*,
+so it lies in ``[0, 1]`` and is cheap to compute exactly:
 
-  r*(x, y) = (1 / K) * Σ_{i < K} [y_i ∈ letters(x)],   K = completion_len
+  r*(x, y) = (1 / K) * Σ_{i < K} [y_i ∈ S(x)],   K = completion_len
 
-Supervised data ("demonstrations") draws each completion letter from the
-prompt's letters with probability ``p_in`` and uniformly from the alphabet
-otherwise, so a policy fine-tuned on it starts at a gold reward of about
-``p_in + (1 - p_in) * n / 26`` and has clear room to improve. Preference
+with ``rule="half"`` (default): S(x) is the half of the alphabet (a–m or
+n–z) that contains the prompt's first letter, so the reward depends on the
+prompt through one position that a small transformer learns to read; with
+``rule="in_prompt"``: S(x) is the set of the prompt's own letters (harder:
+a model must compare every completion letter with the prompt).
+
+Supervised data ("demonstrations") draws each completion letter from S(x)
+with probability ``p_in`` and uniformly from the alphabet otherwise, so a
+policy fine-tuned on it starts at a gold reward of about
+``p_in + (1 - p_in) |S| / 26`` and has clear room to improve. Preference
 pairs are labelled by the gold reward with Bradley–Terry noise:
 ``P(y1 ≻ y2) = σ((r*(y1) - r*(y2)) / temperature)``.
 
@@ -26,6 +31,7 @@ import numpy as np
 
 ALPHABET = string.ascii_lowercase
 PROMPT_END = ">"
+RULES = ("half", "in_prompt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +42,12 @@ class LettersTask:
   completion_len: int = 8
   p_in: float = 0.3
   label_temperature: float = 0.1
+  rule: str = "half"
 
   def __post_init__(self):
+    if self.rule not in RULES:
+      raise ValueError(f"LettersTask.rule must be one of {RULES}, got "
+                       f"{self.rule!r}.")
     if not 1 <= self.n_prompt_letters <= 26:
       raise ValueError("LettersTask.n_prompt_letters must be in [1, 26], got "
                        f"{self.n_prompt_letters}.")
@@ -63,7 +73,7 @@ class LettersTask:
 
   def demonstration(self, prompt: str, rng: np.random.Generator) -> str:
     """One supervised completion for ``prompt`` (noisy, see module doc)."""
-    letters = self.prompt_letters(prompt)
+    letters = self.preferred_letters(prompt)
     chars = []
     for _ in range(self.completion_len):
       if rng.random() < self.p_in:
@@ -118,9 +128,17 @@ class LettersTask:
     body = prompt[:-len(PROMPT_END)] if prompt.endswith(PROMPT_END) else prompt
     return body
 
+  def preferred_letters(self, prompt: str) -> str:
+    """S(x): the letters the gold reward counts (module docstring)."""
+    body = self.prompt_letters(prompt)
+    if self.rule == "in_prompt":
+      return body
+    first = body[:1]
+    return ALPHABET[:13] if first and first <= "m" else ALPHABET[13:]
+
   def gold_reward(self, prompt: str, completion: str) -> float:
     """r*(x, y) in [0, 1] (module docstring)."""
-    letters = set(self.prompt_letters(prompt))
+    letters = set(self.preferred_letters(prompt))
     head = completion[:self.completion_len]
     return sum(c in letters for c in head) / self.completion_len
 
@@ -135,4 +153,5 @@ class LettersTask:
 
   def expected_demonstration_reward(self) -> float:
     """Gold reward of the demonstration distribution, in closed form."""
-    return self.p_in + (1 - self.p_in) * self.n_prompt_letters / 26
+    size = self.n_prompt_letters if self.rule == "in_prompt" else 13
+    return self.p_in + (1 - self.p_in) * size / 26

@@ -5,8 +5,9 @@
 2. **Preference data**: two completions per prompt are sampled from the SFT
    policy and labelled by the gold reward with Bradley–Terry noise; a
    held-out split is kept for evaluation.
-3. **Reward model**: trained on those pairs (Bradley–Terry), evaluated on the
-   held-out pairs (accuracy, ECE, Brier, reliability diagram).
+3. **Reward model**: initialised from the SFT policy's backbone, trained on
+   those pairs (Bradley–Terry), evaluated on the held-out pairs (accuracy,
+   ECE, Brier, reliability diagram).
 4. **DPO**: the SFT policy is aligned against the *learned* reward: fresh
    SFT samples are paired and labelled by the reward model, and DPO trains
    on them with the SFT policy as reference.
@@ -146,7 +147,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   _log(f"stage 3/5: reward model ({config.reward_model.loss.name}, "
        f"{config.reward_model.total_steps} steps)")
   rm_state, rm_run, rm_report = reward_model.run(
-      config.reward_model, str(workdir / "reward_model"))
+      config.reward_model, str(workdir / "reward_model"),
+      backbone_params=sft_params if config.rm_from_sft else None)
   rm_score = reward_model.make_score_fn(rm_run.model.graphdef,
                                         rm_run.model.rest)
   rm_params = rm_state["params"]

@@ -79,16 +79,16 @@ def loss_spec(config):
   return fn, hyper
 
 
-def _pair_forward(model, batch):
+def _pair_forward(model, batch, *, member_axis: bool):
   """Scores chosen and rejected rows in one call: leaves of ``[2B, ...]``
-  outputs split back into ``(chosen, rejected)``."""
+  outputs (``[M, 2B]`` for ensembles, ``member_axis=True``) split back
+  into ``(chosen, rejected)``."""
   b = batch.chosen_tokens.shape[0]
   tokens = jnp.concatenate(_lm.pad_to_same_length(
       batch.chosen_tokens, batch.rejected_tokens), axis=0)
   attn = jnp.concatenate(_lm.pad_to_same_length(
       batch.chosen_attention_mask, batch.rejected_attention_mask), axis=0)
   out = model(tokens, attention_mask=attn)
-  member_axis = isinstance(out, jax.Array) and out.ndim == 2
   if member_axis:  # ensembles: [M, 2B]
     return out[:, :b], out[:, b:]
   return (jax.tree.map(lambda x: x[:b], out),
@@ -121,11 +121,14 @@ def make_loss_fn(graphdef, rest, config):
   name = config.loss.name
   dkind = data_kind(config)
   mkind, _ = model_kind(config)
+  noise_samples = int(config.get("reward_model", {}).get("noise_samples", 1))
 
   def pairwise(params, frozen, batch, rng):
     del frozen
     model = nnx.merge(graphdef, params, rest)
-    c, r = _pair_forward(model, batch)
+    # By kind, not by ndim: GPM embeddings are [2B, D], ensembles [M, 2B].
+    c, r = _pair_forward(model, batch, member_axis=mkind.startswith(
+        "ensemble_"))
     avail = {}
     if batch.margin is not None:
       avail["margin"] = batch.margin
@@ -135,8 +138,10 @@ def make_loss_fn(graphdef, rest, config):
                    chosen_log_vars=c.log_variance,
                    rejected_log_vars=r.log_variance)
       k1, k2 = jax.random.split(rng)
-      avail["chosen_noise"] = jax.random.normal(k1, c.mean.shape)
-      avail["rejected_noise"] = jax.random.normal(k2, r.mean.shape)
+      # [N, B] standard-normal draws (gaussian_bt_sampled).
+      noise_shape = (noise_samples,) + c.mean.shape
+      avail["chosen_noise"] = jax.random.normal(k1, noise_shape)
+      avail["rejected_noise"] = jax.random.normal(k2, noise_shape)
       chosen_score, rejected_score = c.mean, r.mean
     elif mkind == "multi_objective_reward":
       direction = jnp.asarray(config.reward_model.direction, jnp.float32)
@@ -187,7 +192,8 @@ def make_loss_fn(graphdef, rest, config):
     values = model(batch.tokens, attention_mask=batch.attention_mask)
     logits = jnp.take_along_axis(values, batch.step_positions, axis=1)
     labels = jnp.asarray(batch.step_labels, jnp.float32)
-    avail = {"step_logits": logits, "step_labels": labels,
+    # prm_hard takes bool labels, prm_soft float targets in [0, 1].
+    avail = {"step_logits": logits, "step_labels": labels > 0.5,
              "step_targets": labels, "step_mask": batch.step_mask}
     loss, _ = _lm.call_by_name(fn, avail, hyper, name)
     if loss.ndim == 2:  # per step
@@ -259,13 +265,42 @@ def calibration_report(chosen, rejected, workdir, name="reward_model"):
   return report
 
 
-def run(config: ml_collections.ConfigDict, workdir: str):
-  """Trains and evaluates a reward model; returns ``(state, run, report)``."""
+def with_backbone(params, backbone_params):
+  """RM params whose ``transformer`` subtree comes from a (SFT) causal LM.
+
+  Reward models are usually initialised from the SFT policy (Stiennon et
+  al. 2020; Ouyang et al. 2022): the backbone is copied, the head stays
+  freshly initialised.
+  """
+  if "transformer" not in backbone_params or "transformer" not in params:
+    raise ValueError("backbone initialisation needs a 'transformer' subtree "
+                     "in both the reward model and the source params.")
+  src = jax.tree.map(lambda x: x.shape, backbone_params["transformer"])
+  dst = jax.tree.map(lambda x: x.shape, params["transformer"])
+  if src != dst:
+    raise ValueError("backbone params do not match the reward model's "
+                     "transformer (different config.model?).")
+  out = jax.tree.map(lambda x: x, params)
+  out["transformer"] = backbone_params["transformer"]
+  return out
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        backbone_params=None):
+  """Trains and evaluates a reward model; returns ``(state, run, report)``.
+
+  ``backbone_params``: optional causal-LM params (e.g. the SFT policy) whose
+  transformer initialises the reward model's backbone.
+  """
   loss_spec(config)
   tokenizer = _data.tokenizer_of(config)
   kind, kwargs = model_kind(config)
+  init = None
+  if backbone_params is not None:
+    init = lambda sharded: with_backbone(sharded.params, backbone_params)  # noqa: E731
   run_ = _setup.setup_run(config, workdir, kind=kind,
-                          total_steps=config.total_steps, model_kwargs=kwargs)
+                          total_steps=config.total_steps, model_kwargs=kwargs,
+                          init_params=init)
   batches = _data.iterator(config, data_kind(config), tokenizer, run_)
   loss_fn = make_loss_fn(run_.model.graphdef, run_.model.rest, config)
   step = common.make_train_step(loss_fn, run_.tx,
