@@ -198,7 +198,7 @@ def data(source: str = "synthetic", **kw) -> ml_collections.ConfigDict:
   block.task_seed = 0
   block.task = ml_collections.ConfigDict(dict(
       n_prompt_letters=5, completion_len=8, p_in=0.3, label_temperature=0.1,
-      rule="half"))
+      rule="first_half"))
   block.update(kw)
   return block
 

@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seed = ml_collections.FieldReference(arg.seed)
   config.task = ml_collections.ConfigDict(dict(
       n_prompt_letters=5, completion_len=8, p_in=0.3, label_temperature=0.1,
-      rule="half"))
+      rule="first_half"))
 
   config.sft = _stage("sft", steps=20 if q else 400, batch=32, lr=3e-3,
                       preset=arg.model,

@@ -8,11 +8,14 @@ so it lies in ``[0, 1]`` and is cheap to compute exactly:
 
   r*(x, y) = (1 / K) * Σ_{i < K} [y_i ∈ S(x)],   K = completion_len
 
-with ``rule="half"`` (default): S(x) is the half of the alphabet (a–m or
-n–z) that contains the prompt's first letter, so the reward depends on the
-prompt through one position that a small transformer learns to read; with
-``rule="in_prompt"``: S(x) is the set of the prompt's own letters (harder:
-a model must compare every completion letter with the prompt).
+with ``rule="first_half"`` (default): S = a–m for every prompt, a reward a
+2-layer model learns within the default run's step budget; with
+``rule="prompt_half"``: S(x) is the half of the alphabet (a–m or n–z) that
+contains the prompt's first letter; with ``rule="in_prompt"``: S(x) is the
+set of the prompt's own letters. The last two make the reward depend on the
+prompt; a model that cannot condition on it scores exactly chance on their
+preference pairs, so they need larger models or longer runs (measured: the
+tiny preset stays at chance after 400 reward-model steps).
 
 Supervised data ("demonstrations") draws each completion letter from S(x)
 with probability ``p_in`` and uniformly from the alphabet otherwise, so a
@@ -31,7 +34,7 @@ import numpy as np
 
 ALPHABET = string.ascii_lowercase
 PROMPT_END = ">"
-RULES = ("half", "in_prompt")
+RULES = ("first_half", "prompt_half", "in_prompt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +45,7 @@ class LettersTask:
   completion_len: int = 8
   p_in: float = 0.3
   label_temperature: float = 0.1
-  rule: str = "half"
+  rule: str = "first_half"
 
   def __post_init__(self):
     if self.rule not in RULES:
@@ -133,6 +136,8 @@ class LettersTask:
     body = self.prompt_letters(prompt)
     if self.rule == "in_prompt":
       return body
+    if self.rule == "first_half":
+      return ALPHABET[:13]
     first = body[:1]
     return ALPHABET[:13] if first and first <= "m" else ALPHABET[13:]
 
