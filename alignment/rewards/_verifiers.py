@@ -45,6 +45,15 @@ def extract_answer(text: str) -> str | None:
   return numbers[-1] if numbers else None
 
 
+def _reference_answer(reference: str) -> str:
+  """A reference is a bare answer unless it carries ``\\boxed`` or ``####``."""
+  boxed = _boxed(reference)
+  if boxed is not None:
+    return boxed
+  m = _HASHES.search(reference)
+  return m.group(1).strip() if m else reference.strip()
+
+
 def _normalise(answer: str) -> str:
   a = answer.strip().strip("$").replace(",", "").replace(" ", "")
   a = a.removesuffix(".")
@@ -66,7 +75,7 @@ def math_answer_reward(completion: str, reference: str) -> float:
   """1.0 if the extracted answer equals the reference (numerically when both
   parse as numbers, else as normalised strings), 0.0 otherwise."""
   got = extract_answer(completion)
-  want = extract_answer(reference) or reference
+  want = _reference_answer(reference)
   if got is None:
     return 0.0
   a, b = _as_number(got), _as_number(want)
