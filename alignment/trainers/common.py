@@ -331,6 +331,19 @@ def opt_state_shardings(tx, params, param_shardings, mesh):
 # ----------------------------------------------------------------------------
 
 
+def _path_str(path) -> str:
+  """``(DictKey('a'), SequenceKey(0), GetAttrKey('value'))`` → ``a/0/value``."""
+  parts = []
+  for entry in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(entry, attr):
+        parts.append(str(getattr(entry, attr)))
+        break
+    else:
+      parts.append(str(entry))
+  return "/".join(parts)
+
+
 class CheckpointMismatchError(ValueError):
   """The workdir holds a checkpoint of a different model or optimiser."""
 
@@ -357,7 +370,14 @@ class Checkpointer:
       max_to_keep=keep, create=True, enable_async_checkpointing=async_save
     )
     self.manager = ocp.CheckpointManager(
-      self.directory, options=options, item_names=("state", "extra")
+      self.directory,
+      options=options,
+      # Handlers up front, so that a fresh process (a resumed run) can read
+      # the metadata of checkpoints it did not write.
+      item_handlers={
+        "state": ocp.StandardCheckpointHandler(),
+        "extra": ocp.JsonCheckpointHandler(),
+      },
     )
 
   def latest_step(self) -> int | None:
@@ -403,12 +423,17 @@ class Checkpointer:
   def _check_compatible(self, abstract_state, step: int):
     meta = self.manager.item_metadata(step)["state"]
     tree = getattr(meta, "tree", meta)
+    if tree is None:  # no readable metadata: leave the check to orbax
+      return
+    # The metadata tree is nested dicts with string keys ("['0']['value']")
+    # where the live state has list indices and attributes ("[0].value"):
+    # compare paths as plain "a/0/value" strings.
     want = {
-      jax.tree_util.keystr(p): tuple(x.shape)
+      _path_str(p): tuple(x.shape)
       for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]
     }
     have = {
-      jax.tree_util.keystr(p): tuple(x.shape)
+      _path_str(p): tuple(x.shape)
       for p, x in jax.tree_util.tree_flatten_with_path(
         tree, is_leaf=lambda x: hasattr(x, "shape")
       )[0]

@@ -17,6 +17,7 @@ One iteration (``config.total_steps`` of them):
    importance-sampling correction (``config.off_policy.correction``).
 """
 
+import inspect
 import json
 from typing import NamedTuple
 
@@ -32,6 +33,11 @@ from alignment import sharding as sharding_lib
 from alignment.trainers import _data, _lm, _setup, common, policy_eval
 
 GROUP_LOSSES = ("raft", "superhf", "copg", "prdp")
+# Estimators that return one advantage per token ([N, L-1]).
+TOKEN_ESTIMATORS = ("gae", "lambda_returns", "discounted_returns",
+                    "reinforce_pp")
+# Arrays compute_advantages can hand an estimator (one reward per sample).
+ADVANTAGE_INPUTS = ("rewards", "lengths", "values", "completion_mask")
 IS_CORRECTIONS = ("none", "tis", "mis", "icepop")
 REWARD_SOURCES = ("gold", "verifier", "model", "ensemble")
 KL_MODES = ("none", "reward", "loss")
@@ -63,8 +69,18 @@ def _check(config):
     raise ValueError(f"config.advantage.name={config.advantage.name!r}; "
                      f"valid estimators are {sorted(adv_lib.REGISTRY)}.")
   ahyper = {k: v for k, v in config.advantage.items() if k != "name"}
-  _lm.check_hyperparameters(adv_lib.REGISTRY[config.advantage.name], ahyper,
-                            "config.advantage", config.advantage.name)
+  adv_name = config.advantage.name
+  adv_fn = adv_lib.REGISTRY[adv_name]
+  _lm.check_hyperparameters(adv_fn, ahyper, "config.advantage", adv_name)
+  _check_estimator(adv_name, adv_fn, ahyper)
+  if adv_name in TOKEN_ESTIMATORS:
+    p = inspect.signature(inspect.unwrap(fn)).parameters.get("advantages")
+    if p is not None and "'B T'" not in str(p.annotation):
+      raise ValueError(
+          f"config.loss.name={config.loss.name!r} takes one advantage per "
+          f"sequence, but config.advantage.name={adv_name!r} gives one per "
+          f"token; use a group estimator (e.g. 'grpo', 'rloo') or a loss "
+          f"that accepts token-level advantages.")
   if config.reward.source not in REWARD_SOURCES:
     raise ValueError(f"config.reward.source={config.reward.source!r}; valid "
                      f"choices are {REWARD_SOURCES}.")
@@ -83,6 +99,27 @@ def _check(config):
     raise ValueError(f"config.loss_aggregation={config.loss_aggregation!r}; "
                      f"valid modes are {ops.AGGREGATION_MODES}.")
   return fn, hyper, ahyper
+
+
+def _check_estimator(name, fn, ahyper):
+  """Fails at start if the RL trainer cannot feed estimator ``name``."""
+  _, required, _ = _lm.split_kwargs(fn)
+  missing = [a for a in required if a not in ADVANTAGE_INPUTS]
+  if missing:
+    raise ValueError(
+        f"config.advantage.name={name!r} needs {missing}, which the RL "
+        f"trainer does not compute; it supplies {list(ADVANTAGE_INPUTS)}.")
+  params = inspect.signature(inspect.unwrap(fn)).parameters
+  if "'B G K'" in str(getattr(params.get("rewards"), "annotation", "")):
+    raise ValueError(
+        f"config.advantage.name={name!r} needs K rewards per sample "
+        "([B, G, K]); the RL trainer scores one reward per sample.")
+  no_default = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY
+                and p.default is p.empty and n not in ahyper]
+  if no_default:
+    raise ValueError(
+        f"config.advantage.name={name!r} needs hyperparameters {no_default}"
+        " (they have no default); add them to config.advantage.")
 
 
 def _align_completion(x, prompt_len, fill=0.0):
@@ -247,8 +284,7 @@ def compute_advantages(config, ahyper, seq_rewards, lengths, loss_mask,
   name = config.advantage.name
   fn = adv_lib.REGISTRY[name]
   n = seq_rewards.shape[0]
-  if name in ("gae", "lambda_returns", "discounted_returns",
-              "reinforce_pp"):
+  if name in TOKEN_ESTIMATORS:
     # Sequence reward on the last completion token.
     last = jnp.argmax(jnp.cumsum(loss_mask, axis=1), axis=1)
     token_rewards = jnp.zeros(loss_mask.shape, jnp.float32).at[
@@ -256,11 +292,10 @@ def compute_advantages(config, ahyper, seq_rewards, lengths, loss_mask,
     if name == "gae":
       out = fn(token_rewards, values, loss_mask, **ahyper)
       return out.advantages, out.returns
-    if name == "reinforce_pp":
-      return fn(token_rewards, loss_mask, **ahyper), None
-    returns = fn(token_rewards, values if values is not None else
-                 jnp.zeros_like(token_rewards), loss_mask, **ahyper)
-    return returns, None
+    avail = {"rewards": token_rewards, "completion_mask": loss_mask,
+             "values": values if values is not None else
+             jnp.zeros_like(token_rewards)}
+    return _lm.call_by_name(fn, avail, ahyper, name), None
   grouped = seq_rewards.reshape(n // group, group)
   avail = {"rewards": grouped,
            "lengths": lengths.reshape(n // group, group).astype(jnp.float32)}
