@@ -18,8 +18,9 @@ from jax.sharding import PartitionSpec as P
 from alignment.sharding import rules as rules_lib
 
 
-def _fit_spec(shape, spec: P, mesh: Mesh, path: str) -> P:
-  """Drops mesh axes from dimensions they don't divide (logged)."""
+def _fit_spec(shape, spec: P, mesh: Mesh, path: str, strict: bool = False) -> P:
+  """Drops mesh axes from dimensions they don't divide (logged), or raises
+  a ``ValueError`` naming the numbers when ``strict``."""
   entries = list(tuple(spec)) + [None] * (len(shape) - len(tuple(spec)))
   out = []
   for dim, (size, entry) in enumerate(zip(shape, entries, strict=False)):
@@ -30,6 +31,13 @@ def _fit_spec(shape, spec: P, mesh: Mesh, path: str) -> P:
       if size % (n * mesh.shape[axis]) == 0:
         kept.append(axis)
         n *= mesh.shape[axis]
+      elif strict:
+        raise ValueError(
+          f"{path}: dimension {dim} has size {size}, which mesh axis "
+          f"{axis!r} of size {mesh.shape[axis]}"
+          + (f" (after {kept}, total {n})" if kept else "")
+          + " does not divide; change config.mesh or the rule table."
+        )
       else:
         logging.warning(
           "%s: dimension %d (size %d) is not divisible by mesh axis %r "
@@ -46,7 +54,9 @@ def _fit_spec(shape, spec: P, mesh: Mesh, path: str) -> P:
   return P(*out)
 
 
-def state_shardings(abstract_state, mesh: Mesh, rules) -> nnx.State:
+def state_shardings(
+  abstract_state, mesh: Mesh, rules, *, strict: bool = False
+) -> nnx.State:
   """Maps an (abstract) NNX state to a matching tree of NamedShardings.
 
   Args:
@@ -55,9 +65,16 @@ def state_shardings(abstract_state, mesh: Mesh, rules) -> nnx.State:
       their ``out_sharding`` / ``sharding_names`` metadata.
     mesh: device mesh.
     rules: logical-to-mesh rule table.
+    strict: raise (instead of replicating along that axis, with a logged
+      warning) when a mesh axis does not divide the dimension its rule
+      maps it to.
 
   Returns:
     A pytree with the state's structure and a ``NamedSharding`` per leaf.
+
+  Raises:
+    ValueError: with ``strict``, naming the parameter, dimension, size and
+      mesh axis that do not fit.
   """
   logical = nnx.get_partition_spec(abstract_state)
 
@@ -67,7 +84,9 @@ def state_shardings(abstract_state, mesh: Mesh, rules) -> nnx.State:
     mesh_spec = rules_lib.logical_to_spec(
       tuple(spec) if spec else None, rules, mesh
     )
-    return NamedSharding(mesh, _fit_spec(shape, mesh_spec, mesh, name))
+    return NamedSharding(
+      mesh, _fit_spec(shape, mesh_spec, mesh, name, strict=strict)
+    )
 
   return jax.tree.map_with_path(
     one, logical, abstract_state, is_leaf=lambda x: isinstance(x, P)
@@ -120,3 +139,71 @@ def shard_batch(batch: Mapping | object, mesh: Mesh, rules):
     )
 
   return jax.tree.map_with_path(put, batch)
+
+
+def batch_axes(mesh: Mesh, rules) -> dict[str, int]:
+  """Mesh axes (and sizes) the ``batch`` dimension is split over."""
+  spec = rules_lib.logical_to_spec(("batch",), rules, mesh)
+  entry = tuple(spec)[0] if tuple(spec) else None
+  return {a: int(mesh.shape[a]) for a in rules_lib._as_tuple(entry)}  # noqa: SLF001
+
+
+def check_batch_size(
+  global_rows: int, mesh: Mesh, rules, *, what: str = "global batch"
+) -> None:
+  """Fails at start if a global batch cannot be split over the mesh.
+
+  Args:
+    global_rows: leading dimension of the global batch arrays.
+    mesh: the device mesh.
+    rules: logical-axis rules (``batch`` names the axes it is split over).
+    what: how the error message names the batch.
+
+  Raises:
+    ValueError: naming the numbers, if ``global_rows`` is not divisible by
+      the number of batch shards or by the number of processes.
+  """
+  axes = batch_axes(mesh, rules)
+  shards = int(np.prod(list(axes.values()))) if axes else 1
+  if global_rows % shards:
+    raise ValueError(
+      f"{what} of {global_rows} rows is not divisible by its {shards} batch "
+      f"shards (mesh axes {axes}); use a multiple of {shards}."
+    )
+  procs = jax.process_count()
+  if global_rows % procs:
+    raise ValueError(
+      f"{what} of {global_rows} rows is not divisible by the {procs} "
+      "processes, each of which loads an equal slice; use a multiple of "
+      f"{procs}."
+    )
+
+
+def process_batch_slice(global_rows: int, mesh: Mesh, rules) -> slice:
+  """The rows of a global batch that this process must load.
+
+  With ``jax.distributed`` every process feeds only the rows its own
+  devices hold (:func:`shard_batch` assembles the global array); this
+  returns them as ``slice(start, stop)``, checked to be contiguous.
+
+  Raises:
+    ValueError: see :func:`check_batch_size`; or if this process's rows
+      are not contiguous (a mesh whose batch axes interleave processes).
+  """
+  check_batch_size(global_rows, mesh, rules)
+  sharding = batch_sharding(mesh, rules, 1)
+  blocks = set()
+  for index in sharding.addressable_devices_indices_map(
+    (global_rows,)
+  ).values():
+    rows = index[0] if index else slice(None)
+    blocks.add(rows.indices(global_rows)[:2])
+  start = min(b[0] for b in blocks)
+  stop = max(b[1] for b in blocks)
+  if sum(b[1] - b[0] for b in blocks) != stop - start:
+    raise ValueError(
+      f"process {jax.process_index()} holds non-contiguous batch rows "
+      f"{sorted(blocks)} of {global_rows} (mesh {dict(mesh.shape)}); put the "
+      "axes that span processes first in config.mesh."
+    )
+  return slice(start, stop)
