@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 _NEG_INF = -1e30
@@ -42,22 +43,65 @@ class SampleOutput(NamedTuple):
 
 
 def process_logits(logits, *, temperature: float, top_k: int, top_p: float):
-  """Temperature, then top-k, then top-p (nucleus) filtering, in float32."""
+  """Temperature, then top-k, then top-p (nucleus) filtering, in float32.
+
+  Filtered-out entries are set to a large negative number, so that
+  ``log_softmax`` of the result is the log-distribution actually sampled
+  from. Tokens tied with the k-th largest logit are all kept (as in
+  transformers' ``TopKLogitsWarper``); top-p keeps the smallest prefix of
+  the sorted distribution whose mass reaches ``top_p`` (at least one token;
+  tokens tied with the last kept one are kept too).
+
+  Args:
+    logits: ``[N, V]`` scores, any float dtype.
+    temperature: divides the logits (> 0); may be a traced scalar.
+    top_k: keep the ``top_k`` largest logits (0 disables it); static.
+    top_p: nucleus mass in (0, 1] (1 disables it); may be a traced scalar
+      only through `Sampler` (here a Python float decides whether the
+      sort runs).
+
+  Returns:
+    float32 ``[N, V]`` processed logits.
+  """
+  return _process_logits(
+    logits,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    use_top_p=top_p < 1.0,
+  )
+
+
+def _process_logits(logits, *, temperature, top_k, top_p, use_top_p):
   logits = logits.astype(jnp.float32) / temperature
   vocab = logits.shape[-1]
   if top_k and 0 < top_k < vocab:
     kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
     logits = jnp.where(logits < kth, _NEG_INF, logits)
-  if top_p < 1.0:
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+  if use_top_p:
+    # Only the sorted values are needed: the kept set is every logit at or
+    # above the smallest one inside the nucleus (no argsort, no scatter).
+    sorted_logits = -jnp.sort(-logits, axis=-1)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before
-    drop_sorted = before >= top_p  # always keeps the top token
-    drop = jnp.zeros_like(drop_sorted).at[
-        jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
-    logits = jnp.where(drop, _NEG_INF, logits)
+    inside = before < top_p  # always holds for the top token
+    cutoff = jnp.min(
+      jnp.where(inside, sorted_logits, jnp.inf), axis=-1, keepdims=True
+    )
+    logits = jnp.where(logits < cutoff, _NEG_INF, logits)
   return logits
+
+
+def _argmax(x):
+  """First index of the maximum along the last axis of ``[N, V]``.
+
+  Same result as ``jnp.argmax`` for finite inputs; two plain reductions
+  are several times faster on CPU than XLA's variadic (value, index) one.
+  """
+  top = jnp.max(x, axis=-1, keepdims=True)
+  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  first = jnp.min(jnp.where(x == top, iota, x.shape[-1]), axis=-1)
+  return jnp.minimum(first, x.shape[-1] - 1)  # NaN rows: last id, in range
 
 
 def _check(max_new_tokens, temperature, top_k, top_p, num_samples):
@@ -73,6 +117,39 @@ def _check(max_new_tokens, temperature, top_k, top_p, num_samples):
     raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
 
 
+def _check_prompts(prompt_tokens, prompt_mask):
+  shape, mask_shape = jnp.shape(prompt_tokens), jnp.shape(prompt_mask)
+  if len(shape) != 2 or shape[1] < 1:
+    raise ValueError(
+      f"prompt_tokens must have shape [B, P] with P >= 1, got {shape}."
+    )
+  if mask_shape != shape:
+    raise ValueError(
+      f"prompt_mask must have the shape of prompt_tokens "
+      f"{shape}, got {mask_shape}."
+    )
+  # Prefill reads the logits at the last column: prompts must be left-padded
+  # (this also rejects rows with no real token). Checked where the mask is
+  # readable here (not under an outer jit, not across processes).
+  if isinstance(prompt_mask, np.ndarray):
+    last = prompt_mask[:, -1]
+  elif (
+    isinstance(prompt_mask, jax.Array)
+    and not isinstance(prompt_mask, jax.core.Tracer)
+    and prompt_mask.is_fully_addressable
+  ):
+    last = np.asarray(prompt_mask[:, -1])
+  else:
+    return
+  last = np.asarray(last, bool)
+  if not last.all():
+    raise ValueError(
+      "prompt_mask must be True in the last column (prompts are "
+      f"left-padded, each with >= 1 real token); rows "
+      f"{np.flatnonzero(~last).tolist()} are not."
+    )
+
+
 class Sampler:
   """Samples completions from a causal LM given as ``(graphdef, rest)``.
 
@@ -83,10 +160,23 @@ class Sampler:
     eos_id: end-of-sequence id; sampling it ends the row.
     pad_id: written after EOS.
     cache_dtype: dtype of the KV cache (default: the model's compute dtype).
+    compiler_options: optional XLA compiler options for the jitted
+      sampler (``jax.jit(..., compiler_options=...)``), e.g.
+      ``{"xla_backend_optimization_level": 0}`` to compile tiny test models
+      quickly.
   """
 
-  def __init__(self, graphdef, rest, *, max_new_tokens: int, eos_id: int,
-               pad_id: int, cache_dtype=None):
+  def __init__(
+    self,
+    graphdef,
+    rest,
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    cache_dtype=None,
+    compiler_options: dict | None = None,
+  ):
     _check(max_new_tokens, 1.0, 0, 1.0, 1)
     self.graphdef = graphdef
     self.rest = rest
@@ -94,12 +184,22 @@ class Sampler:
     self.eos_id = int(eos_id)
     self.pad_id = int(pad_id)
     self.cache_dtype = cache_dtype
+    self.compiler_options = dict(compiler_options) if compiler_options else None
     self._jitted = {}
 
-  def generate(self, params, prompt_tokens, prompt_mask, rng, *,
-               num_samples: int = 1, temperature: float = 1.0,
-               top_k: int = 0, top_p: float = 1.0,
-               greedy: bool = False) -> SampleOutput:
+  def generate(
+    self,
+    params,
+    prompt_tokens,
+    prompt_mask,
+    rng,
+    *,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+  ) -> SampleOutput:
     """Samples ``num_samples`` completions per prompt.
 
     Args:
@@ -118,17 +218,44 @@ class Sampler:
       :class:`SampleOutput` with ``N = B·G`` rows.
     """
     _check(self.max_new_tokens, temperature, top_k, top_p, num_samples)
-    key = (num_samples, float(temperature), int(top_k), float(top_p),
-           bool(greedy))
+    _check_prompts(prompt_tokens, prompt_mask)
+    # Temperature and top-p are traced, so changing them does not recompile;
+    # top-k (a static shape) and whether top-p runs at all are static.
+    key = (int(num_samples), int(top_k), float(top_p) < 1.0, bool(greedy))
     if key not in self._jitted:
-      self._jitted[key] = jax.jit(functools.partial(
-          self._generate, num_samples=num_samples, temperature=temperature,
-          top_k=top_k, top_p=top_p, greedy=greedy))
-    return self._jitted[key](params, jnp.asarray(prompt_tokens, jnp.int32),
-                             jnp.asarray(prompt_mask, bool), rng)
+      self._jitted[key] = jax.jit(
+        functools.partial(
+          self._generate,
+          num_samples=key[0],
+          top_k=key[1],
+          use_top_p=key[2],
+          greedy=key[3],
+        ),
+        compiler_options=self.compiler_options,
+      )
+    return self._jitted[key](
+      params,
+      jnp.asarray(prompt_tokens, jnp.int32),
+      jnp.asarray(prompt_mask, bool),
+      rng,
+      jnp.float32(temperature),
+      jnp.float32(top_p),
+    )
 
-  def _generate(self, params, prompt_tokens, prompt_mask, rng, *,
-                num_samples, temperature, top_k, top_p, greedy):
+  def _generate(
+    self,
+    params,
+    prompt_tokens,
+    prompt_mask,
+    rng,
+    temperature,
+    top_p,
+    *,
+    num_samples,
+    top_k,
+    use_top_p,
+    greedy,
+  ):
     model = nnx.merge(self.graphdef, params, self.rest)
     prompts = jnp.repeat(prompt_tokens, num_samples, axis=0)
     mask = jnp.repeat(prompt_mask, num_samples, axis=0)
@@ -137,19 +264,25 @@ class Sampler:
     cache = model.init_cache(n, p + t_max, self.cache_dtype)
     hidden, cache = model.hidden(prompts, attention_mask=mask, cache=cache)
     w = model.unembedding()
-    logits = jnp.einsum("nd,dv->nv", hidden[:, -1], w,
-                        preferred_element_type=jnp.float32)
+    logits = jnp.einsum(
+      "nd,dv->nv", hidden[:, -1], w, preferred_element_type=jnp.float32
+    )
 
     def pick(logits, key):
-      processed = process_logits(logits, temperature=temperature,
-                                 top_k=top_k, top_p=top_p)
-      logp_all = jax.nn.log_softmax(processed, axis=-1)
+      processed = _process_logits(
+        logits,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        use_top_p=use_top_p,
+      )
       if greedy:
-        token = jnp.argmax(processed, axis=-1)
-      else:
-        token = jax.random.categorical(key, processed, axis=-1)
-      logp = jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
-      return token.astype(jnp.int32), logp
+        token = _argmax(processed)
+      else:  # the Gumbel-max trick, as jax.random.categorical does
+        token = _argmax(processed + jax.random.gumbel(key, processed.shape))
+      picked = jnp.take_along_axis(processed, token[:, None], axis=-1)[:, 0]
+      logp = picked - jax.nn.logsumexp(processed, axis=-1)
+      return token, logp
 
     def cond(carry):
       t, _, _, _, _, _, done, _ = carry
@@ -166,17 +299,30 @@ class Sampler:
       live_mask = live_mask.at[:, t].set(live)
       done = done | (live & (token == self.eos_id))
       hidden, cache = model.hidden(token[:, None], cache=cache, decode=True)
-      logits = jnp.einsum("nd,dv->nv", hidden[:, 0], w,
-                          preferred_element_type=jnp.float32)
+      logits = jnp.einsum(
+        "nd,dv->nv", hidden[:, 0], w, preferred_element_type=jnp.float32
+      )
       return t + 1, cache, logits, toks, logps, live_mask, done, key
 
-    carry = (jnp.int32(0), cache, logits,
-             jnp.full((n, t_max), self.pad_id, jnp.int32),
-             jnp.zeros((n, t_max), jnp.float32),
-             jnp.zeros((n, t_max), bool), jnp.zeros((n,), bool), rng)
+    carry = (
+      jnp.int32(0),
+      cache,
+      logits,
+      jnp.full((n, t_max), self.pad_id, jnp.int32),
+      jnp.zeros((n, t_max), jnp.float32),
+      jnp.zeros((n, t_max), bool),
+      jnp.zeros((n,), bool),
+      rng,
+    )
     _, _, _, toks, logps, completion_mask, _, _ = jax.lax.while_loop(
-        cond, body, carry)
+      cond, body, carry
+    )
     # completion_mask: True for every token sampled while the row was live,
     # i.e. up to and including its first EOS.
-    return SampleOutput(prompts, mask, toks, completion_mask,
-                        jnp.where(completion_mask, logps, 0.0))
+    return SampleOutput(
+      prompts,
+      mask,
+      toks,
+      completion_mask,
+      jnp.where(completion_mask, logps, 0.0),
+    )
