@@ -107,9 +107,15 @@ def main(argv=None):
   parser.add_argument("--root", required=True)
   parser.add_argument("--run", action="store_true")
   parser.add_argument("--collect", action="store_true")
-  parser.add_argument("extra", nargs="*")
+  # Everything after "--" goes to every run (argparse would reject
+  # "--config.k=v" words after the positional config argument).
+  argv = list(sys.argv[1:] if argv is None else argv)
+  extra = []
+  if "--" in argv:
+    extra = argv[argv.index("--") + 1 :]
+    argv = argv[: argv.index("--")]
   args = parser.parse_args(argv)
-  cmds = commands(args.config, args.root, args.extra)
+  cmds = commands(args.config, args.root, extra)
   if not (args.run or args.collect):
     for _, cmd in cmds:
       print(shlex.join(cmd))
