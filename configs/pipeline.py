@@ -33,19 +33,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       n_prompt_letters=5, completion_len=8, p_in=0.3, label_temperature=0.1,
       rule="first_half"))
 
-  config.sft = _stage("sft", steps=20 if q else 400, batch=32, lr=3e-3,
+  config.sft = _stage("sft", steps=10 if q else 400, batch=32, lr=3e-3,
                       preset=arg.model,
                       data_kw=dict(num_examples=4096, task_seed=arg.seed))
   config.sft.data.task = config.task
 
   config.pairs = ml_collections.ConfigDict(dict(
-      num_train=256 if q else 2048, num_eval=64 if q else 512,
+      num_train=64 if q else 2048, num_eval=64 if q else 512,
       prompt_seed=100 + arg.seed, sample_seed=200 + arg.seed,
       label_seed=300 + arg.seed))
-  config.dpo_pairs = ml_collections.ConfigDict(dict(num=256 if q else 1024))
+  config.dpo_pairs = ml_collections.ConfigDict(dict(num=64 if q else 1024))
   config.rm_from_sft = True  # reward-model backbone starts from the SFT policy
 
-  rm = _stage("reward_model", steps=20 if q else 400, batch=32, lr=1e-3,
+  rm = _stage("reward_model", steps=5 if q else 400, batch=32, lr=1e-3,
               preset=arg.model, data_kw=dict(source="jsonl"))
   rm.loss = config_lib.loss("bradley_terry")
   rm.ensemble = ml_collections.ConfigDict(dict(kind="none", num_members=1))
@@ -57,13 +57,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   rm.eval_batches = 1000
   config.reward_model = rm
 
-  dpo = _stage("preference", steps=10 if q else 150, batch=32, lr=1e-3,
+  dpo = _stage("preference", steps=5 if q else 150, batch=32, lr=1e-3,
                preset=arg.model, data_kw=dict(source="jsonl"))
   dpo.loss = config_lib.loss("dpo", beta=0.1)
   dpo.reference = "init"
   config.dpo = dpo
 
-  grpo = _stage("rl", steps=4 if q else 60, batch=16, lr=1e-3,
+  grpo = _stage("rl", steps=2 if q else 60, batch=16, lr=1e-3,
                 preset=arg.model, data_kw=dict(num_examples=4096,
                                                task_seed=7 + arg.seed))
   grpo.data.task = config.task
@@ -88,7 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.grpo = grpo
 
   config.report = ml_collections.ConfigDict(dict(
-      num_prompts=32 if q else 128, num_samples=4, seed=1234,
+      num_prompts=16 if q else 128, num_samples=4, seed=1234,
       prompt_seed=10_000 + arg.seed))
   for stage in (config.sft, rm, dpo, grpo):
     stage.seed = config.get_ref("seed")
