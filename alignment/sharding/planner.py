@@ -602,6 +602,10 @@ class WeightTemporaries:
     lm_head_tied: with tied embeddings, that gradient (transposed) waits
       until the embedding-lookup gradient is added to it at the end of the
       backward pass: ``2 U``, else 0.
+    unembedding_copy: with tied embeddings, ``unembedding()`` materialises
+      the transposed table ``[D, V]`` (compute dtype) for the LM head; the
+      policy's copy lives from its forward to its backward, and so does
+      the frozen reference's (computed early, it waits for its use).
     gathered_all: every parameter all-gathered over the batch axes
       (data/fsdp), in the compute dtype (the cast precedes the gather). An
       unrolled layer stack lets the compiler keep each layer's gathered
@@ -612,6 +616,7 @@ class WeightTemporaries:
 
   lm_head_backward: int
   lm_head_tied: int
+  unembedding_copy: int
   gathered_all: int
   gathered_layer: int
 
@@ -623,11 +628,12 @@ def weight_temporaries(
   drop = set(partition.batch_axes(mesh, rules))
   compute = np.dtype(jnp.dtype(model_config.dtype)).itemsize
   tied = bool(model_config.tie_embeddings)
-  total = embed = unembed = 0
+  total = embed = unembed = copy = 0
   for path, leaf in jax.tree_util.tree_flatten_with_path(setup.params)[0]:
     key = jax.tree_util.keystr(path)
     if "lm_head" in key or (tied and "['embedding']" in key):
       unembed = shard_bytes(leaf.shape, jnp.float32, leaf.sharding)
+      copy = shard_bytes(leaf.shape, model_config.dtype, leaf.sharding)
     if not drop:
       continue
     full = _unsharded_over(leaf.shape, leaf.sharding.spec, mesh, drop)
@@ -636,13 +642,49 @@ def weight_temporaries(
     total += full * compute
     if "embedding" in key or "lm_head" in key:
       embed += full * compute
-  lm_backward = lm_tied = 0
+  lm_backward = lm_tied = lm_copy = 0
   if workload.model_kind == "causal_lm":
     lm_backward = 2 * unembed
     lm_tied = 2 * unembed if tied else 0
+    lm_copy = copy if tied else 0
   per_layer = (total - embed) / max(model_config.n_layers, 1)
   layer = int(min(total, 2 * per_layer + embed))
-  return WeightTemporaries(int(lm_backward), int(lm_tied), int(total), layer)
+  return WeightTemporaries(
+    int(lm_backward), int(lm_tied), int(lm_copy), int(total), layer
+  )
+
+
+def prefill_bytes(model_config, workload: Workload, mesh, rules) -> int:
+  """Per-device working set of the sampler's prefill (grpo; 0 otherwise).
+
+  One block's activations for the ``B·G x P`` prompt tokens, with float32
+  attention scores against the ``L`` cache slots, plus the float32
+  ``[B·G, V / t]`` next-token logits.
+  """
+  if workload.trainer != "grpo":
+    return 0
+  c = model_config
+  a = np.dtype(jnp.dtype(c.dtype)).itemsize
+  rows = workload.batch_rows
+  r = -(-rows // _logical_degree("batch", rows, mesh, rules))
+  t_heads = _logical_degree("heads", c.n_heads, mesh, rules)
+  t_kv = _logical_degree("kv_heads", c.n_kv_heads, mesh, rules)
+  t_mlp = _logical_degree("mlp", c.d_ff, mesh, rules)
+  t_vocab = _logical_degree("vocab", c.vocab_size, mesh, rules)
+  d, n, f = c.d_model, c.head_dim, c.d_ff
+  per_token = (
+    a
+    * (
+      4 * d
+      + 2 * c.n_heads * n / t_heads
+      + 2 * c.n_kv_heads * n / t_kv
+      + (2 + int(c.gated)) * f / t_mlp
+    )
+    + 2 * 4 * c.n_heads * workload.seq_len / t_heads
+  )
+  return int(
+    r * workload.prefill_len * per_token + r * c.vocab_size / t_vocab * 4
+  )
 
 
 def kv_cache_bytes(model_config, workload: Workload, mesh, rules) -> int:
@@ -692,6 +734,7 @@ class Plan:
   activations_no_remat: Activations
   kv_cache: int
   weights: WeightTemporaries
+  prefill: int = 0
   hbm_bytes: int | None = None
   remat: bool = True
   gather: str = "layer"
@@ -722,26 +765,55 @@ class Plan:
   ) -> int:
     """Analytic peak of one training step.
 
-    Persistent state and the batch, plus the larger of the two ends of the
-    backward pass: its start (every saved activation, the LM-head backward
-    or the reference forward) and its end (every gradient, the tied
-    embedding's extra gradient, one block's working set); plus the
-    FSDP-gathered weights.
+    Persistent state and the batch, plus the transient peak, plus the
+    FSDP-gathered weights (`gathered`). Without remat the transient peak
+    is the larger end of the backward pass: its start (every saved
+    activation, the LM-head backward, or the reference forward) or its end
+    (every gradient, the tied embedding's extra gradient, one block's
+    working set). With remat the saved set is small and the peak comes
+    while the first block is recomputed: block inputs, that block's saved
+    and working sets, the gradients of the blocks above and the tied
+    embedding's waiting gradient.
     """
     remat = self.remat if remat is None else remat
     act = self.activations_remat if remat else self.activations_no_remat
     w = self.weights
-    start = act.saved + max(
-      act.working + w.lm_head_backward, act.frozen_forward
-    )
-    end = self.grads + w.lm_head_tied + act.working
-    return (
-      self.persistent + self.batch + max(start, end) + self.gathered(gather)
-    )
+    if remat:
+      transient = act.saved + act.working + self.grads + w.lm_head_tied
+    else:
+      copies = w.unembedding_copy * (2 if self.reference else 1)
+      start = (
+        act.saved
+        + copies
+        + max(act.working + w.lm_head_backward, act.frozen_forward)
+      )
+      end = self.grads + w.lm_head_tied + act.working
+      transient = max(start, end)
+    return self.persistent + self.batch + transient + self.gathered(gather)
+
+  def xla_cpu_estimate(self) -> int:
+    """The analytic figure for what XLA:CPU makes of this step.
+
+    XLA:CPU does not honour per-block rematerialisation of an unrolled
+    layer stack (measured: ``jax.checkpoint`` per layer leaves the temp
+    size unchanged, in a ``lax.scan`` it cuts it 3.7x) and keeps every
+    layer's gathered weights from the forward to the backward pass. So
+    the comparable figure is the no-remat peak with every layer gathered.
+    """
+    return self.step_peak(remat=False, gather="all")
 
   def sampling_peak(self) -> int:
-    """Analytic peak while sampling (grpo): persistent + KV cache."""
-    return self.persistent + self.kv_cache
+    """Analytic peak while sampling (grpo): persistent state, KV cache and
+    the prefill's working set (plus FSDP-gathered weights, layer by
+    layer)."""
+    if not self.kv_cache:
+      return 0
+    return (
+      self.persistent
+      + self.kv_cache
+      + self.prefill
+      + self.weights.gathered_layer
+    )
 
   def total(self, remat: bool | None = None, gather: str | None = None) -> int:
     """Analytic per-device peak over the phases of a step."""
@@ -771,13 +843,28 @@ class Plan:
 def resolve_mesh(mesh, num_devices: int | None = None):
   """``(name, axes dict, hbm bytes or None)`` for a mesh argument.
 
-  ``mesh`` is a `MESHES` name, a ``config.mesh`` list of ``(axis, size)``
-  (one size may be -1; ``num_devices`` then defaults to this process's
-  device count), or a ``"data:1,fsdp:-1,tensor:1"`` string.
+  ``mesh`` is a `MESHES` name, optionally with axis overrides
+  (``"v5e-256/fsdp=64,tensor=4"``; sizes must multiply to its device
+  count), a ``config.mesh`` list of ``(axis, size)`` (one size may be -1;
+  ``num_devices`` then defaults to this process's device count), or a
+  ``"data:1,fsdp:-1,tensor:1"`` string.
   """
-  if isinstance(mesh, str) and mesh in MESHES:
-    preset = MESHES[mesh]
-    return preset.name, dict(preset.axes), preset.hbm_bytes
+  if isinstance(mesh, str) and mesh.split("/")[0] in MESHES:
+    preset = MESHES[mesh.split("/")[0]]
+    if "/" not in mesh:
+      return preset.name, dict(preset.axes), preset.hbm_bytes
+    try:
+      axes = {
+        k: int(v)
+        for k, v in (x.split("=") for x in mesh.split("/", 1)[1].split(","))
+      }
+    except ValueError as e:
+      raise ValueError(
+        f"mesh {mesh!r}: write overrides as NAME/axis=size,axis=size."
+      ) from e
+    spec = [(k, axes.pop(k, v)) for k, v in preset.axes] + list(axes.items())
+    sizes = mesh_lib.resolve_mesh_shape(spec, preset.num_devices)
+    return mesh, sizes, preset.hbm_bytes
   if isinstance(mesh, str):
     try:
       spec = [
@@ -818,13 +905,13 @@ def plan(
   Args:
     preset: a `models.PRESETS` name.
     mesh: a `MESHES` name, ``config.mesh`` list or ``"axis:size,..."``.
-    workload: the step (default: DPO, one pair per batch shard, L=2048).
+    workload: the step (default: `default_workload` for DPO).
     rules: logical-axis rules (default ``config_lib.DEFAULT_RULES``).
     remat: the remat setting the totals assume (both are reported).
     compile: also lower and compile the step on a mesh of this process's
       devices (needs at least as many devices as the mesh has).
     model_overrides: `models.ModelConfig` fields to change.
-    tx: optax transformation (default adamw: two param-shaped moments).
+    tx: optax transformation (default `default_optimizer`).
     num_devices: device count a ``-1`` mesh axis is resolved against.
 
   Returns:
@@ -840,10 +927,7 @@ def plan(
   abstract_mesh = AbstractMesh(tuple(sizes.values()), tuple(sizes))
   n_devices = int(np.prod(list(sizes.values())))
   if workload is None:
-    shards = _logical_degree(
-      "batch", 10**9 * 0 + n_devices, abstract_mesh, rules
-    )
-    workload = Workload("dpo", batch=max(1, shards), seq_len=2048)
+    workload = default_workload("dpo", sizes, rules)
   setup = abstract_setup(cfg, workload.model_kind, abstract_mesh, rules, tx)
   params = tree_shard_bytes(setup.params)
   opt = tree_shard_bytes(setup.opt_state)
@@ -878,6 +962,7 @@ def plan(
       cfg, workload, abstract_mesh, rules, remat=False
     ),
     kv_cache=kv_cache_bytes(cfg, workload, abstract_mesh, rules),
+    prefill=prefill_bytes(cfg, workload, abstract_mesh, rules),
     weights=weight_temporaries(setup, cfg, workload, abstract_mesh, rules),
     hbm_bytes=hbm,
     remat=remat,
@@ -1083,49 +1168,54 @@ def _gib(x: int | None) -> str:
   return f"{x / GiB:.2f}"
 
 
+def _fits(p: Plan) -> str:
+  fits = p.fits(True)
+  if fits is None:
+    return "-"
+  if not fits:
+    return "no"
+  return "yes" if p.fits(False) else "remat only"
+
+
 def format_table(plans: Sequence[Plan], *, markdown: bool = True) -> str:
-  """A table of plans, GiB per device (``-``: not applicable/compiled)."""
+  """A table of plans, GiB per device (``-``: not applicable / compiled).
+
+  Analytic columns assume what TPU/GPU compilers do with the step:
+  rematerialisation honoured and FSDP weights gathered layer by layer
+  (``gather="layer"``). With compiled figures, ``XLA:CPU est.`` is the
+  analytic figure for what XLA:CPU does instead (`Plan.xla_cpu_estimate`).
+  """
   head = [
     "preset",
     "mesh",
     "trainer",
-    "B x L",
+    "batch",
     "params",
     "opt",
     "grads",
     "ref",
     "act remat",
-    "act no-remat",
+    "act full",
     "KV cache",
-    "total remat",
-    "total no-remat",
-    "device",
+    "peak remat",
+    "peak no remat",
+    "HBM",
     "fits",
   ]
   compiled = any(p.compiled_temp is not None for p in plans)
   if compiled:
-    head += ["compiled total", "compiled KV"]
+    head += ["XLA:CPU est.", "compiled", "KV compiled"]
   rows = []
   for p in plans:
     w = p.workload
-    bxl = f"{w.batch}x{w.seq_len}"
+    batch = f"{w.batch}x{w.seq_len}"
     if w.trainer == "grpo":
-      bxl = f"{w.batch}x{w.num_samples}x{w.seq_len}"
-    fits = p.fits(True)
-    fits_txt = (
-      "-"
-      if fits is None
-      else ("yes" if fits else ("remat-free: yes" if p.fits(False) else "no"))
-    )
-    if fits is False:
-      fits_txt = "no"
-    elif fits and p.fits(False):
-      fits_txt = "yes (also w/o remat)"
+      batch = f"{w.batch}x{w.num_samples}x{w.seq_len}"
     row = [
       p.preset,
       p.mesh_name,
       w.trainer,
-      bxl,
+      batch,
       _gib(p.params),
       _gib(p.opt_state),
       _gib(p.grads),
@@ -1136,10 +1226,14 @@ def format_table(plans: Sequence[Plan], *, markdown: bool = True) -> str:
       _gib(p.total(True)),
       _gib(p.total(False)),
       _gib(p.hbm_bytes),
-      fits_txt,
+      _fits(p),
     ]
     if compiled:
-      row += [_gib(p.compiled_total), _gib(p.compiled_kv_cache)]
+      row += [
+        _gib(p.xla_cpu_estimate()),
+        _gib(p.compiled_total),
+        _gib(p.compiled_kv_cache),
+      ]
     rows.append(row)
   if markdown:
     lines = [
@@ -1148,11 +1242,41 @@ def format_table(plans: Sequence[Plan], *, markdown: bool = True) -> str:
     ]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
-  widths = [
-    max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)
-  ]
+  widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
   fmt = "  ".join(f"{{:>{w}}}" for w in widths)
   return "\n".join([fmt.format(*head)] + [fmt.format(*r) for r in rows])
+
+
+def plan_record(p: Plan) -> dict:
+  """A JSON-ready dict of a plan (bytes per device)."""
+  out = {
+    "preset": p.preset,
+    "mesh": p.mesh_name,
+    "mesh_axes": p.mesh_axes,
+    "workload": dataclasses.asdict(p.workload),
+    "num_params": p.num_params,
+    "params": p.params,
+    "opt_state": p.opt_state,
+    "grads": p.grads,
+    "reference": p.reference,
+    "batch": p.batch,
+    "activations_remat": dataclasses.asdict(p.activations_remat),
+    "activations_no_remat": dataclasses.asdict(p.activations_no_remat),
+    "weights": dataclasses.asdict(p.weights),
+    "kv_cache": p.kv_cache,
+    "hbm_bytes": p.hbm_bytes,
+    "peak_remat": p.total(True),
+    "peak_no_remat": p.total(False),
+    "xla_cpu_estimate": p.xla_cpu_estimate(),
+    "compiled_arguments": p.compiled_arguments,
+    "compiled_outputs": p.compiled_outputs,
+    "compiled_aliased": p.compiled_aliased,
+    "compiled_temp": p.compiled_temp,
+    "compiled_total": p.compiled_total,
+    "compiled_kv_cache": p.compiled_kv_cache,
+    "note": p.note,
+  }
+  return out
 
 
 def default_workload(
@@ -1165,11 +1289,21 @@ def default_workload(
   num_samples: int = 4,
   **kw,
 ) -> Workload:
-  """A workload with one batch element per batch shard by default."""
+  """A workload with one batch element per batch shard by default.
+
+  Args:
+    trainer: one of `TRAINERS`.
+    mesh: anything `resolve_mesh` takes, or a ``{axis: size}`` dict.
+    rules: logical-axis rules (default ``config_lib.DEFAULT_RULES``).
+    batch: global batch (default: the number of batch shards).
+    seq_len: L.
+    num_samples: G (grpo).
+    **kw: other `Workload` fields.
+  """
   from alignment import config_lib  # noqa: PLC0415
 
   rules = config_lib.DEFAULT_RULES if rules is None else rules
-  _, sizes, _ = resolve_mesh(mesh)
+  sizes = mesh if isinstance(mesh, dict) else resolve_mesh(mesh)[1]
   abstract = AbstractMesh(tuple(sizes.values()), tuple(sizes))
   if batch is None:
     spec = rules_lib.logical_to_spec(("batch",), rules, abstract)
@@ -1181,6 +1315,9 @@ def default_workload(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """CLI: prints a table (or JSON lines) of plans."""
+  import json  # noqa: PLC0415
+
   parser = argparse.ArgumentParser(
     prog="python -m alignment.sharding.planner",
     description="Per-device memory of a training step (GiB).",
@@ -1189,10 +1326,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument(
     "--meshes",
     default="8xH100,64xH100,v4-128,v5e-256",
-    help=f"named meshes {sorted(MESHES)} or "
-    "'data:1,fsdp:-1,tensor:1' (';'-separated)",
+    help=f"';'-separated: named meshes {sorted(MESHES)} or "
+    "'data:1,fsdp:-1,tensor:1'",
   )
-  parser.add_argument("--trainers", default="sft,dpo,reward_model,grpo")
+  parser.add_argument("--trainers", default=",".join(TRAINERS))
   parser.add_argument(
     "--batch",
     type=int,
@@ -1209,9 +1346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     "--dtype", default="bfloat16", help="compute / activation dtype"
   )
   parser.add_argument(
-    "--no_remat",
-    action="store_true",
-    help="'fits' assumes no rematerialisation",
+    "--no_remat", action="store_true", help="plan without rematerialisation"
   )
   parser.add_argument(
     "--compile",
@@ -1219,11 +1354,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     help="also compile on this process's devices",
   )
   parser.add_argument(
+    "--json",
+    action="store_true",
+    help="one JSON object per plan instead of a table",
+  )
+  parser.add_argument(
     "--plain", action="store_true", help="aligned text instead of markdown"
   )
   args = parser.parse_args(argv)
-  sep = ";" if ";" in args.meshes or ":" in args.meshes else ","
-  meshes = [m for m in args.meshes.split(sep) if m]
+  meshes = [m for m in args.meshes.split(";") if m]
+  if len(meshes) == 1 and ":" not in meshes[0]:
+    meshes = [m for m in meshes[0].split(",") if m]
   plans = []
   for preset in [p for p in args.presets.split(",") if p]:
     for mesh in meshes:
@@ -1236,27 +1377,30 @@ def main(argv: Sequence[str] | None = None) -> int:
           num_samples=args.num_samples,
           microbatches=args.microbatches,
         )
-        plans.append(
-          plan(
-            preset,
-            mesh,
-            workload,
-            remat=not args.no_remat,
-            compile=args.compile,
-            model_overrides={
-              "param_dtype": args.param_dtype,
-              "dtype": args.dtype,
-            },
-          )
+        p = plan(
+          preset,
+          mesh,
+          workload,
+          remat=not args.no_remat,
+          compile=args.compile,
+          model_overrides={
+            "param_dtype": args.param_dtype,
+            "dtype": args.dtype,
+          },
         )
+        if args.json:
+          print(json.dumps(plan_record(p)), flush=True)
+        plans.append(p)
+  if args.json:
+    return 0
   print(format_table(plans, markdown=not args.plain))
-  notes = sorted({p.note for p in plans if p.note})
-  for note in notes:
+  for note in sorted({p.note for p in plans if p.note}):
     print(f"note: {note}")
   if not args.compile:
     print(
-      "note: analytic figures; compiled figures need the mesh's "
-      "devices (--compile on that topology)."
+      "note: analytic figures (remat honoured, FSDP gathers layer by "
+      "layer); --compile adds compiled figures where this process has "
+      "the mesh's devices."
     )
   return 0
 
