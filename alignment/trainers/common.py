@@ -239,8 +239,8 @@ def make_train_step(
     metrics = dict(metrics)
     metrics["loss"] = loss
     metrics["loss_weight"] = weight
-    metrics["grad_norm"] = optax.global_norm(grads)
-    metrics["param_norm"] = optax.global_norm(params)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["param_norm"] = optax.tree.norm(params)
     new_state = {
       "params": params,
       "opt_state": opt_state,
