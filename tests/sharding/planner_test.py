@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from absl.testing import absltest
 
 from alignment import models
@@ -56,6 +57,7 @@ def _records(proc) -> list[dict]:
   return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 class CompiledAgreementTest(absltest.TestCase):
   """Analytic (XLA:CPU assumptions) vs compiled, within 10%."""
 
