@@ -18,14 +18,14 @@ test: $(STAMP)
 	$(PY) -m pytest -n $(PYTEST_WORKERS) -q tests
 
 run: $(STAMP)
-	$(PY) -m alignment.pipeline --workdir=$(WORKDIR)
+	$(PY) -m alignment.main --config=configs/pipeline.py --workdir=$(WORKDIR)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check alignment configs launch tests bench
 	$(VENV)/bin/ruff format --check alignment configs launch tests bench
 
 bench: $(STAMP)
-	$(PY) bench/logprobs.py
+	$(PY) bench/run_all.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs
