@@ -634,6 +634,9 @@ class WeightTemporaries:
       weights from the forward to the backward pass; XLA:CPU does.
     gathered_layer: the just-in-time FSDP working set: two blocks'
       gathered weights (current and prefetched) plus the gathered embedding.
+    optimizer_update: the update of the largest parameter (its clipped
+      gradient and new moments) needs about two float32 copies of its shard
+      besides the donated buffers, at the end of the step.
   """
 
   lm_head_backward: int
@@ -641,6 +644,7 @@ class WeightTemporaries:
   unembedding_copy: int
   gathered_all: int
   gathered_layer: int
+  optimizer_update: int = 0
 
 
 def weight_temporaries(
@@ -650,9 +654,10 @@ def weight_temporaries(
   drop = set(partition.batch_axes(mesh, rules))
   compute = np.dtype(jnp.dtype(model_config.dtype)).itemsize
   tied = bool(model_config.tie_embeddings)
-  total = embed = unembed = copy = 0
+  total = embed = unembed = copy = largest = 0
   for path, leaf in jax.tree_util.tree_flatten_with_path(setup.params)[0]:
     key = jax.tree_util.keystr(path)
+    largest = max(largest, shard_bytes(leaf.shape, jnp.float32, leaf.sharding))
     if "lm_head" in key or (tied and "['embedding']" in key):
       unembed = shard_bytes(leaf.shape, jnp.float32, leaf.sharding)
       copy = shard_bytes(leaf.shape, model_config.dtype, leaf.sharding)
@@ -672,7 +677,12 @@ def weight_temporaries(
   per_layer = (total - embed) / max(model_config.n_layers, 1)
   layer = int(min(total, 2 * per_layer + embed))
   return WeightTemporaries(
-    int(lm_backward), int(lm_tied), int(lm_copy), int(total), layer
+    int(lm_backward),
+    int(lm_tied),
+    int(lm_copy),
+    int(total),
+    layer,
+    2 * int(largest),
   )
 
 
@@ -790,18 +800,23 @@ class Plan:
     Persistent state and the batch, plus the transient peak, plus the
     FSDP-gathered weights (`gathered`). Without remat the transient peak
     is the larger end of the backward pass: its start (every saved
-    activation, the LM-head backward, or the reference forward) or its end
-    (every gradient, the tied embedding's extra gradient, one block's
-    working set). With remat the saved set is small and the peak comes
-    while the first block is recomputed: block inputs, that block's saved
-    and working sets, the gradients of the blocks above and the tied
-    embedding's waiting gradient.
+    activation, the LM-head backward, or the reference forward) or its
+    end (every gradient, the tied embedding's extra gradient or the
+    optimizer update's temporaries, one block's working set). With remat
+    the saved set is small and the peak comes while the first block is
+    recomputed: block inputs, that block's saved and working sets, the
+    gradients of the blocks above and the end-of-step temporaries.
     """
     remat = self.remat if remat is None else remat
     act = self.activations_remat if remat else self.activations_no_remat
     w = self.weights
     if remat:
-      transient = act.saved + act.working + self.grads + w.lm_head_tied
+      transient = (
+        act.saved
+        + act.working
+        + self.grads
+        + max(w.lm_head_tied, w.optimizer_update)
+      )
     else:
       copies = w.unembedding_copy * (2 if self.reference else 1)
       start = (
@@ -809,7 +824,7 @@ class Plan:
         + copies
         + max(act.working + w.lm_head_backward, act.frozen_forward)
       )
-      end = self.grads + w.lm_head_tied + act.working
+      end = self.grads + max(w.lm_head_tied, w.optimizer_update) + act.working
       transient = max(start, end)
     return self.persistent + self.batch + transient + self.gathered(gather)
 

@@ -80,7 +80,7 @@ class CompiledAgreementTest(absltest.TestCase):
       "--no_remat",
     )
     records = _records(tiny) + _records(small)
-    self.assertLen(records, 6)
+    self.assertLen(records, 7)
     for r in records:
       name = f"{r['preset']}/{r['workload']['trainer']}/{r['mesh']}"
       self.assertIsNotNone(r["compiled_total"], name)
