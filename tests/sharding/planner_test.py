@@ -74,7 +74,7 @@ class CompiledAgreementTest(absltest.TestCase):
     small = _cli_json(
       "--presets=small",
       "--meshes=data:1,fsdp:1,tensor:1",
-      "--trainers=sft,dpo",
+      "--trainers=sft,dpo,reward_model",
       "--batch=2",
       "--seq_len=128",
       "--no_remat",
