@@ -4,12 +4,14 @@
 workdir)``. Importing this package imports Flax and orbax.
 """
 
-from alignment.trainers import online_preference
-from alignment.trainers import pipeline
-from alignment.trainers import preference
-from alignment.trainers import reward_model
-from alignment.trainers import rl
-from alignment.trainers import sft
+from alignment.trainers import (
+  online_preference,
+  pipeline,
+  preference,
+  reward_model,
+  rl,
+  sft,
+)
 
 REGISTRY = {
     "sft": sft,

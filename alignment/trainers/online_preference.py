@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from alignment import sampling
 from alignment import sharding as sharding_lib
 from alignment.trainers import _data, _setup, common, policy_eval, rl
 from alignment.trainers import preference as preference_lib
-from alignment import sampling
 
 REFERENCE_MODES = ("swap", "fixed")
 

@@ -35,8 +35,14 @@ import numpy as np
 
 from alignment import data as data_lib
 from alignment.data import synthetic
-from alignment.trainers import _data, policy_eval, preference, reward_model
-from alignment.trainers import rl, sft
+from alignment.trainers import (
+  _data,
+  policy_eval,
+  preference,
+  reward_model,
+  rl,
+  sft,
+)
 
 
 def _log(msg: str):

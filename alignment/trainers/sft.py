@@ -6,10 +6,7 @@ import ml_collections
 from flax import nnx
 
 from alignment import ops
-from alignment.trainers import _data
-from alignment.trainers import _lm
-from alignment.trainers import _setup
-from alignment.trainers import common
+from alignment.trainers import _data, _lm, _setup, common
 
 
 def make_loss_fn(graphdef, rest, *, chunk_size: int):
