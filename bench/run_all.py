@@ -10,10 +10,12 @@ What it does:
    (``bench/peers/setup_venvs.py``: ``.venv-oracle`` with torch 2.13.0 CPU,
    trl 1.16.0, transformers 5.23.0; ``.venv-tunix`` with google-tunix 0.1.7)
    and looks for jemalloc (``libjemalloc2``).
-2. Allocator probe: the DPO step on the ``small`` preset under glibc malloc
-   and under jemalloc (``LD_PRELOAD``), for our JAX side and for TRL; each
-   framework then runs every benchmark under the allocator that served it
-   best (JAX's choice also applies to Tunix, which shares XLA's runtime).
+2. Runtime-settings probe, per preset: the DPO step under glibc malloc and
+   under jemalloc (``LD_PRELOAD``) for our JAX side; for TRL also with one
+   torch thread (``OMP_NUM_THREADS=1``: on a loaded machine OpenMP's
+   spinning threads can slow torch several times). Each framework then
+   runs that preset's benchmarks under the setting that served it best
+   (JAX's choice also applies to Tunix, which shares XLA's runtime).
 3. For the ``tiny`` and ``small`` presets, the DPO train step (ours, TRL
    ``DPOTrainer`` in float32 and with TRL's defaults, Tunix ``DPOTrainer``),
    the reward-model train step (ours, TRL ``RewardTrainer``) and one GRPO
@@ -31,10 +33,11 @@ What it does:
    every step). Ratios are medians of per-round ratios.
 4. The other helpers' benchmarks, when present: ``bench/logprobs.py``
    (chunked vs naive log-probs at large vocabulary), ``bench/sampling.py``
-   (ours vs transformers ``generate`` vs Tunix's sampler), ``bench/data.py``.
+   (ours vs transformers ``generate``), ``bench/data.py``; a script that is
+   missing is reported as not run.
 
 Results: ``bench/results/<benchmark>.json``, ``bench/results/run.json``
-(machine, versions, allocators, targets) and ``bench/results/
+(machine, venvs, runtime settings, targets) and ``bench/results/
 README_table.md`` (the README includes it). Worker logs go to
 ``bench/results/raw/`` (git-ignored).
 """
@@ -91,7 +94,7 @@ SHAPES = {
   "tiny": {
     "pairs": dict(batch=8, prompt_len=64, completion_len=63),
     "grpo": dict(batch=4, num_generations=4, prompt_len=32, completion_len=32),
-    "steps": 4,
+    "steps": 3,
   },
   "small": {
     "pairs": dict(batch=2, prompt_len=64, completion_len=63),
@@ -119,7 +122,7 @@ class Worker:
 
   def __init__(self, side, spec, env_extra, log_path):
     self.side = side
-    base = "trl" if side.startswith("trl") else side
+    base = "trl" if side.startswith("trl") else side.split("@")[0]
     self.cmd = [str(PY[base]), str(SCRIPT[base]), json.dumps(spec)]
     env = dict(os.environ)
     env.pop("LD_PRELOAD", None)
@@ -204,15 +207,21 @@ class Worker:
     self.log.flush()
 
 
-def allocator_env(name, jemalloc_path):
-  if name == "jemalloc" and jemalloc_path:
-    return {"LD_PRELOAD": jemalloc_path, "MALLOC_CONF": "retain:true"}
-  return {}
+def runtime_env(setting, jemalloc_path):
+  """Env of a runtime setting ``"<allocator>[,t<threads>]"``."""
+  env = {}
+  allocator, *rest = setting.split(",")
+  if allocator == "jemalloc" and jemalloc_path:
+    env.update(LD_PRELOAD=jemalloc_path, MALLOC_CONF="retain:true")
+  for r in rest:
+    if r.startswith("t"):
+      env["OMP_NUM_THREADS"] = r[1:]
+  return env
 
 
 def run_benchmark(name, sides, spec_of, args, env_of, notes=None):
   """Starts every side, interleaves step blocks, returns the result dict."""
-  raw = HERE / "results" / "raw"
+  raw = pathlib.Path(args.out) / "raw"
   raw.mkdir(parents=True, exist_ok=True)
   print(f"\n== {name}: {', '.join(sides)}", flush=True)
   t0 = time.perf_counter()
@@ -445,7 +454,7 @@ def main():
   parser.add_argument(
     "--quick",
     action="store_true",
-    help="tiny preset, 2 rounds, no allocator probe",
+    help="tiny preset, 2 rounds, no settings probe",
   )
   parser.add_argument("--presets", default="tiny,small")
   parser.add_argument("--only", default="dpo,rm,grpo,logprobs,sampling,data")
@@ -460,7 +469,7 @@ def main():
     "--allocator",
     default="auto",
     choices=("auto", "glibc", "jemalloc"),
-    help="auto: probe both on the small DPO step",
+    help="auto: probe glibc/jemalloc (and torch threads) per preset",
   )
   parser.add_argument(
     "--no-trl-defaults",
@@ -473,7 +482,15 @@ def main():
   parser.add_argument("--start-timeout", type=float, default=900)
   parser.add_argument("--step-timeout", type=float, default=600)
   parser.add_argument("--out", default=str(HERE / "results"))
+  parser.add_argument(
+    "--render",
+    action="store_true",
+    help="only re-render README_table.md from the JSON files in --out",
+  )
   args = parser.parse_args()
+  if args.render:
+    render_only(pathlib.Path(args.out))
+    return
   if args.quick:
     args.presets = "tiny"
     args.rounds = min(args.rounds, 2)
@@ -514,40 +531,52 @@ def main():
   print(json.dumps(run["machine"]), flush=True)
   results = {}
 
-  # Allocators per framework.
-  chosen = {"jax": "glibc", "torch": "glibc"}
-  if args.allocator == "jemalloc" and jemalloc:
-    chosen = {"jax": "jemalloc", "torch": "jemalloc"}
-  probe_sides = ["ours@glibc", "ours@jemalloc"]
-  if "trl" not in unavailable:
-    probe_sides += ["trl@glibc", "trl@jemalloc"]
-  if args.allocator == "auto" and jemalloc and "dpo" in only:
-    preset = "small" if "small" in args.presets else args.presets.split(",")[0]
+  # Runtime settings per framework and preset: allocator (glibc or
+  # jemalloc) and, for torch, intra-op threads (all cores, or 1: on a
+  # loaded machine OpenMP's spinning threads can cost torch several times).
+  default = "jemalloc" if jemalloc and args.allocator != "glibc" else "glibc"
+  chosen = {}
+  run["settings"] = {}
+  for preset in args.presets.split(","):
+    chosen[preset] = {"jax": default, "torch": default}
+    if not (args.allocator == "auto" and "dpo" in only):
+      continue
+    probe = ["ours@glibc"] + (["ours@jemalloc"] if jemalloc else [])
+    if "trl" not in unavailable:
+      probe += ["trl@glibc"] + (
+        ["trl@jemalloc", "trl@jemalloc,t1"] if jemalloc else ["trl@glibc,t1"]
+      )
     res = run_benchmark(
-      f"allocators_dpo_{preset}",
-      probe_sides,
-      lambda side: make_spec("dpo", preset, args, side.split("@")[0]),
+      f"settings_dpo_{preset}",
+      probe,
+      lambda side, preset=preset: make_spec(
+        "dpo", preset, args, side.split("@")[0]
+      ),
       args,
-      lambda side: allocator_env(side.split("@")[1], jemalloc),
-      notes={"purpose": "pick each framework's allocator"},
+      lambda side: runtime_env(side.split("@")[1], jemalloc),
+      notes={"purpose": "pick each framework's allocator and threads"},
     )
     results[res["name"]] = res
+    (out_dir / f"{res['name']}.json").write_text(json.dumps(res, indent=1))
     for fw, base in (("jax", "ours"), ("torch", "trl")):
-      g = res["sides"].get(f"{base}@glibc", {})
-      j = res["sides"].get(f"{base}@jemalloc", {})
-      if g.get("status") == "ok" and j.get("status") == "ok":
-        chosen[fw] = (
-          "jemalloc" if j["median_step_s"] < g["median_step_s"] else "glibc"
-        )
-  elif args.allocator == "auto":
-    chosen = {"jax": "jemalloc", "torch": "jemalloc"} if jemalloc else chosen
-  run["allocators"] = {**chosen, "jemalloc_path": jemalloc}
-  print(f"allocators: {run['allocators']}", flush=True)
+      ok = {
+        side.split("@")[1]: e["median_step_s"]
+        for side, e in res["sides"].items()
+        if side.startswith(base + "@") and e.get("status") == "ok"
+      }
+      if ok:
+        chosen[preset][fw] = min(ok, key=ok.get)
+  run["settings"] = {"chosen": chosen, "jemalloc_path": jemalloc}
+  (out_dir / "run.json").write_text(json.dumps(run, indent=1))
+  print(f"runtime settings: {chosen}", flush=True)
 
-  def env_of(side):
-    base = side.split("@")[0]
-    fw = FRAMEWORK["trl" if base.startswith("trl") else base]
-    return allocator_env(chosen[fw], jemalloc)
+  def env_for(preset):
+    def env_of(side):
+      base = side.split("@")[0]
+      fw = FRAMEWORK["trl" if base.startswith("trl") else base]
+      return runtime_env(chosen[preset][fw], jemalloc)
+
+    return env_of
 
   for preset in args.presets.split(","):
     for task in ("dpo", "rm", "grpo"):
@@ -574,7 +603,7 @@ def main():
           task, preset, args, side
         ),
         args,
-        env_of,
+        env_for(preset),
         notes,
       )
       res.update(
@@ -590,8 +619,8 @@ def main():
       (out_dir / f"{name}.json").write_text(json.dumps(res, indent=1))
 
   quick = args.quick
-  ext_env = env_of("ours")
-  os.environ.update(ext_env)
+  ext_preset = "small" if "small" in chosen else next(iter(chosen))
+  os.environ.update(env_for(ext_preset)("ours"))
   if "logprobs" in only:
     results["logprobs"] = run_external(
       "logprobs.py",
@@ -603,7 +632,11 @@ def main():
   if "sampling" in only:
     results["sampling"] = run_external(
       "sampling.py",
-      (["--quick"] if quick else ["--new-tokens", "128", "--rounds", "3"])
+      (
+        ["--quick"]
+        if quick
+        else ["--new-tokens", "128", "--rounds", "3", "--no-cache-budget", "5"]
+      )
       + ["--no-positions", "--json", str(out_dir / "sampling_raw.json")],
       timeout=900,
     )
@@ -615,19 +648,36 @@ def main():
     )
   for key in ("logprobs", "sampling", "data"):
     if key in results:
-      results[key]["allocator"] = chosen["jax"]
+      results[key]["allocator"] = chosen[ext_preset]["jax"]
       (out_dir / f"{key}.json").write_text(json.dumps(results[key], indent=1))
-  for key, res in results.items():
-    if key.startswith("allocators"):
-      (out_dir / f"{key}.json").write_text(json.dumps(res, indent=1))
 
   run["machine"]["load_average_end"] = os.getloadavg()
   run["wall_s"] = time.perf_counter() - t_start
-  run["benchmarks"] = sorted(results)
+  run["benchmarks"] = list(results)
   (out_dir / "run.json").write_text(json.dumps(run, indent=1))
   table = render_table(run, results)
   (out_dir / "README_table.md").write_text(table)
   print("\n" + table, flush=True)
+
+
+def render_only(out_dir):
+  """Re-renders README_table.md from the JSON files of a (partial) run."""
+  run = json.loads((out_dir / "run.json").read_text())
+  names = run.get("benchmarks") or [
+    f"{kind}_{preset}"
+    for preset in ("tiny", "small")
+    for kind in ("settings_dpo", "dpo", "rm", "grpo")
+  ] + ["logprobs", "sampling", "data"]
+  results = {}
+  for name in names:
+    path = out_dir / f"{name}.json"
+    if path.exists():
+      results[name] = json.loads(path.read_text())
+  run.setdefault("wall_s", 0.0)
+  run["machine"].setdefault("load_average_end", [float("nan")])
+  table = render_table(run, results)
+  (out_dir / "README_table.md").write_text(table)
+  print(table)
 
 
 # ----------------------------------------------------------------------------
@@ -646,10 +696,13 @@ def render_table(run, results):
     f"{m['cores']} cores, {m['memory']} RAM ({m['platform']}), commit "
     f"`{m['commit']}`; load average {m['load_average_start'][0]:.1f} at "
     f"start, {m.get('load_average_end', [0])[0]:.1f} at end (shared "
-    f"machine: compare ratios, not absolute figures). Allocators: JAX "
-    f"sides (ours, Tunix) {run['allocators']['jax']}, torch (TRL) "
-    f"{run['allocators']['torch']}. Total wall time "
-    f"{run['wall_s'] / 60:.1f} min.",
+    f"machine: compare ratios, not absolute figures). Runtime settings "
+    f"(allocator[,torch threads], the faster of each framework's probe): "
+    + "; ".join(
+      f"{preset}: JAX sides (ours, Tunix) {c['jax']}, torch (TRL) {c['torch']}"
+      for preset, c in run["settings"]["chosen"].items()
+    )
+    + f". Total wall time {run['wall_s'] / 60:.1f} min.",
     "",
     "tokens/s = sequence positions per step / median step time (median of "
     "per-round medians; [min–max] over rounds). CPU = process CPU seconds "
@@ -683,7 +736,7 @@ def render_table(run, results):
         f"(V={spec['model']['vocab_size']}, {shape})"
       )
     else:
-      title = f"allocator probe: {key}"
+      title = f"runtime-settings probe, {key.rsplit('_', 1)[1]} DPO step"
     for side, e in res["sides"].items():
       if e["status"] != "ok":
         lines.append(
