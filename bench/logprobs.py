@@ -6,16 +6,20 @@ Compares, for ``hidden [B, T, D]``, ``unembedding [D, V]``, ``targets``:
   ``[B, T, V]`` logits, and their gradient in the backward pass);
 * ``fused``: ``ops.fused_token_logps(hidden, W, targets)`` (tiles of
   ``chunk_size x vocab_chunk_size``, recomputed in the backward pass);
-* ``floor``: the bare ``[B·T, D] x [D, V]`` product, forward and both
-  backward products (a cotangent ``[B·T, V]`` is given), i.e. the matmul
-  work that any implementation must do (XLA fuses the forward product into
-  its reduction with the cotangent, so it is never written out).
+* ``floor``: the matmul work that any implementation must do, the forward
+  ``[B·T, D] x [D, V]`` product and the two backward products with a given
+  cotangent ``G [B·T, V]``: ``sum(h @ W * G)`` (XLA fuses the product into
+  the reduction, so it is never written out), ``G @ W.T`` and ``h.T @ G``
+  (``h.T`` passed in pre-transposed: the fast matmul path on XLA:CPU);
+* ``floor_vjp``: the same three products as ``jax.value_and_grad`` of
+  ``sum(h @ W * G)`` compiles them (XLA:CPU takes the transposed-operand
+  ``h.T @ G`` through a slower path).
 
 Each variant is ``jax.value_and_grad`` of ``sum(c * logps)`` w.r.t. hidden
 and W, jitted. Memory is XLA's compiled ``memory_analysis()`` (temp +
-output bytes; the inputs are not counted) and, with ``--rss``, the growth of
-the RSS high-water mark of a fresh subprocess per variant over one run of
-the already compiled function (small sizes show 0: compiling peaked higher).
+output bytes; the inputs are not counted) and, with ``--rss`` (Linux), the
+peak RSS of a fresh subprocess per variant during one run of the already
+compiled function, minus its RSS before that run.
 Time is measured in rounds that run every variant once in turn
 (A B C A B C ...); the table shows medians of wall time and of process CPU
 time (all threads), and the ratios are medians of the per-round wall-time
@@ -24,13 +28,13 @@ ratios, so slow drift of a shared machine cancels.
   python bench/logprobs.py            # B=4 T=1024 D=512, V=32768 and 131072
   python bench/logprobs.py --quick    # small sizes, seconds
   python bench/logprobs.py --configs 1024:4096,512:None   # tile sweep
+  python bench/logprobs.py --rss --repeats 0   # memory only
 """
 
 import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -55,22 +59,32 @@ def _inputs(batch, length, width, vocab, seed=0):
 
 def _variant(name, args):
   """Returns ``(jitted fn, its extra array inputs)`` for a variant name."""
-  if name == "floor":
-    n = args.batch * args.length
+  n = args.batch * args.length
+  if name in ("floor", "floor_vjp"):
     g = jnp.asarray(
       np.random.default_rng(1).standard_normal(
         (n, args.vocab), dtype=np.float32
       )
     )
+  if name == "floor_vjp":  # what jax.grad makes of a bare matmul
 
-    def floor(h, w, t, c, g):
+    def floor_vjp(h, w, t, c, g):
       del t, c
       h2 = h.reshape(n, -1)
       return jax.value_and_grad(lambda h2, w: jnp.sum((h2 @ w) * g), (0, 1))(
         h2, w
       )
 
-    return jax.jit(floor), (g,)
+    return jax.jit(floor_vjp), (g,)
+  if name == "floor":  # the three products, each in a fast layout
+
+    def floor(h, w, t, c, g, h_t):
+      del t, c
+      h2 = h.reshape(n, -1)
+      return jnp.sum((h2 @ w) * g), g @ w.T, h_t @ g
+
+    h_t = jnp.zeros((args.width, n), jnp.float32) + 0.5  # [D, B·T] operand
+    return jax.jit(floor), (g, h_t)
   if name == "naive":
     fn = lambda h, w, t: ops.token_logps(h @ w, t)
   else:  # "fused" or "fused:<chunk>:<vocab_chunk>"
@@ -97,16 +111,30 @@ def _compiled_bytes(name, args, inputs):
   return mem.temp_size_in_bytes + mem.output_size_in_bytes
 
 
+def _proc_status_kib(field):
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1])
+  raise KeyError(field)
+
+
 def _rss_child(args):
-  """Runs in a subprocess: prints the RSS growth from running (not compiling)."""
+  """Runs in a subprocess: prints the RSS growth from running (not compiling).
+
+  Linux only: resets the address space's RSS high-water mark (``VmHWM``, via
+  ``/proc/self/clear_refs``) after compiling, then reports the new peak minus
+  the resident size before the run.
+  """
   inputs = _inputs(args.batch, args.length, args.width, args.vocab)
   fn, extra = _variant(args.rss_child, args)
   compiled = fn.lower(*inputs, *extra).compile()
   jax.block_until_ready((inputs, extra))
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+  before = _proc_status_kib("VmRSS")
   jax.block_until_ready(compiled(*inputs, *extra))
-  after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  print(json.dumps({"rss_kib": after - before}))
+  print(json.dumps({"rss_kib": _proc_status_kib("VmHWM") - before}))
 
 
 def _rss_bytes(name, args):
@@ -188,7 +216,8 @@ def main():
     args.batch, args.length, args.width = 2, 256, 128
     if args.vocabs == "32768,131072":
       args.vocabs = "4096,16384"
-  names = ["fused"] + ([] if args.no_naive else ["naive"]) + ["floor"]
+  names = ["fused"] + ([] if args.no_naive else ["naive"])
+  names += ["floor", "floor_vjp"]
   names += [f"fused:{c}" for c in args.configs.split(",") if c]
   print(f"machine: {_machine()}")
   print(
@@ -209,6 +238,20 @@ def main():
     )
     mem = {n: _compiled_bytes(n, args, inputs) for n in names}
     rss = {n: _rss_bytes(n, args) for n in names} if args.rss else {}
+    if args.repeats == 0:  # memory only
+      print(
+        f"{'variant':<22}{'temp+out MiB':>13}{'RSS+ MiB':>10}"
+        f"{'mem/naive':>10}{'RSS/naive':>10}"
+      )
+      for n in names:
+        row = f"{n:<22}{mem[n] / 2**20:>13.0f}"
+        row += f"{rss[n] / 2**20:>10.0f}" if rss else f"{'':>10}"
+        if "naive" in mem:
+          row += f"{mem[n] / mem['naive']:>10.3f}"
+          if rss:
+            row += f"{rss[n] / max(rss['naive'], 1):>10.3f}"
+        print(row, flush=True)
+      continue
     wall, cpu = _time(names, args, inputs)
     head = (
       f"{'variant':<22}{'temp+out MiB':>13}"
