@@ -5,6 +5,11 @@ Prefill writes the (left-padded) prompts into the cache in one forward; a
 early once every row has emitted EOS (or after ``max_new_tokens``). Rows are
 ``[B·G]``, prompt-major (row ``b·G + g`` is sample ``g`` of prompt ``b``).
 
+Each decode step attends over every slot of the cache, so the cache grows
+in segments (room for 128 new tokens, then 256, 512, ...; one loop per
+size, see ``Sampler(cache_segment=...)``): the cost of a step follows the
+length generated so far instead of ``max_new_tokens``.
+
 Returned log-probs are those of the distribution actually sampled from
 (after temperature, top-k and top-p), i.e. the *sampler* log-probs that
 importance-sampling corrections compare with the trainer's. With top-k and
@@ -104,6 +109,31 @@ def _argmax(x):
   return jnp.minimum(first, x.shape[-1] - 1)  # NaN rows: last id, in range
 
 
+def _segments(t_max, first):
+  """Ends of the decode segments: ``first``, doubling, up to ``t_max``."""
+  if not first or first >= t_max:
+    return [t_max]
+  ends = [first]
+  while ends[-1] < t_max:
+    ends.append(min(2 * ends[-1], t_max))
+  return ends
+
+
+def _grow(cache, grown):
+  """Copies ``cache`` into the start of the larger empty cache ``grown``.
+
+  Leaf by leaf, whatever the layout: each leaf of ``cache`` is written at
+  offset 0 of the same leaf of ``grown`` (slots beyond it stay empty).
+  """
+
+  def put(old, new):
+    if old.shape == new.shape:
+      return old
+    return jax.lax.dynamic_update_slice(new, old, (0,) * old.ndim)
+
+  return jax.tree.map(put, cache, grown)
+
+
 def _check(max_new_tokens, temperature, top_k, top_p, num_samples):
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
@@ -160,6 +190,13 @@ class Sampler:
     eos_id: end-of-sequence id; sampling it ends the row.
     pad_id: written after EOS.
     cache_dtype: dtype of the KV cache (default: the model's compute dtype).
+    cache_segment: the KV cache starts with room for this many new tokens
+      and doubles (``cache_segment``, ``2·cache_segment``, ... up to
+      ``max_new_tokens``), one ``while_loop`` per size, because each decode
+      step attends over every slot of the cache: early steps then read a
+      short cache, and segments after every row has stopped are skipped.
+      ``None`` or ``>= max_new_tokens``: one cache of the full size (one
+      loop, the shortest compile).
     compiler_options: optional XLA compiler options for the jitted
       sampler (``jax.jit(..., compiler_options=...)``), e.g.
       ``{"xla_backend_optimization_level": 0}`` to compile tiny test models
@@ -175,6 +212,7 @@ class Sampler:
     eos_id: int,
     pad_id: int,
     cache_dtype=None,
+    cache_segment: int | None = 128,
     compiler_options: dict | None = None,
   ):
     _check(max_new_tokens, 1.0, 0, 1.0, 1)
@@ -184,6 +222,11 @@ class Sampler:
     self.eos_id = int(eos_id)
     self.pad_id = int(pad_id)
     self.cache_dtype = cache_dtype
+    if cache_segment is not None and cache_segment < 1:
+      raise ValueError(
+        f"cache_segment must be >= 1 or None, got {cache_segment}."
+      )
+    self.cache_segment = cache_segment
     self.compiler_options = dict(compiler_options) if compiler_options else None
     self._jitted = {}
 
@@ -261,7 +304,8 @@ class Sampler:
     mask = jnp.repeat(prompt_mask, num_samples, axis=0)
     n, p = prompts.shape
     t_max = self.max_new_tokens
-    cache = model.init_cache(n, p + t_max, self.cache_dtype)
+    segments = _segments(t_max, self.cache_segment)
+    cache = model.init_cache(n, p + segments[0], self.cache_dtype)
     hidden, cache = model.hidden(prompts, attention_mask=mask, cache=cache)
     w = model.unembedding()
     logits = jnp.einsum(
@@ -284,9 +328,9 @@ class Sampler:
       logp = picked - jax.nn.logsumexp(processed, axis=-1)
       return token, logp
 
-    def cond(carry):
+    def cond(end, carry):
       t, _, _, _, _, _, done, _ = carry
-      return (t < t_max) & ~jnp.all(done)
+      return (t < end) & ~jnp.all(done)
 
     def body(carry):
       t, cache, logits, toks, logps, live_mask, done, key = carry
@@ -314,9 +358,12 @@ class Sampler:
       jnp.zeros((n,), bool),
       rng,
     )
-    _, _, _, toks, logps, completion_mask, _, _ = jax.lax.while_loop(
-      cond, body, carry
-    )
+    for i, end in enumerate(segments):
+      if i:  # room for the next segment; stopped rows skip it at once
+        grown = model.init_cache(n, p + end, self.cache_dtype)
+        carry = (carry[0], _grow(carry[1], grown), *carry[2:])
+      carry = jax.lax.while_loop(functools.partial(cond, end), body, carry)
+    _, _, _, toks, logps, completion_mask, _, _ = carry
     # completion_mask: True for every token sampled while the row was live,
     # i.e. up to and including its first EOS.
     return SampleOutput(

@@ -246,7 +246,8 @@ class GreedyTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.sampler = _sampler()
+    # Cache segments of 2, 4 and 8 new tokens: the cache grows twice.
+    cls.sampler = _sampler(cache_segment=2)
     cls.params = _random_params()
     cls.tokens, cls.mask = _left_pad(_PROMPTS)
     del _DECODE_STEPS[:]
@@ -318,29 +319,35 @@ class GreedyTest(absltest.TestCase):
     for stop in (12, 25, 40, 51):
       succ[stop] = _EOS
     params = _chain_params(succ)
-    last = [10, 20, 40, 36, 50, 11, 24, 39]
-    prompts = [p[:-1] + [x] for p, x in zip(_PROMPTS, last, strict=True)]
-    tokens, mask = _left_pad(prompts)
-    del _DECODE_STEPS[:]
-    out = self.sampler.generate(
-      params, tokens, mask, jax.random.key(0), greedy=True
-    )
-    steps = len(_DECODE_STEPS)
-    want = np.full((8, _T), _PAD, np.int32)
-    want_mask = np.zeros((8, _T), bool)
-    for i, x in enumerate(last):
-      chain = [succ[x]]
-      while chain[-1] != _EOS:
-        chain.append(succ[chain[-1]])
-      want[i, : len(chain)] = chain
-      want_mask[i, : len(chain)] = True
-    np.testing.assert_array_equal(out.completion_tokens, want)
-    np.testing.assert_array_equal(out.completion_mask, want_mask)
-    self.assertTrue(np.all(np.asarray(out.token_logps)[~want_mask] == 0.0))
-    self.assertTrue(np.all(np.asarray(out.token_logps)[want_mask] < 0.0))
-    # The longest chain (20→…→EOS) takes 6 steps: the loop stops there.
-    self.assertEqual(want_mask.sum(1).max(), 6)
-    self.assertEqual(steps, 6)
+    # Longest chains of 6 and 3 tokens: the loop stops after 6 steps (in
+    # the last cache segment, 4..8) and after 3 (segment 2..4; the third
+    # segment is skipped).
+    for last, want_steps in (
+      ([10, 20, 40, 36, 50, 11, 24, 39], 6),
+      ([10, 12, 40, 39, 50, 51, 24, 25], 3),
+    ):
+      prompts = [p[:-1] + [x] for p, x in zip(_PROMPTS, last, strict=True)]
+      tokens, mask = _left_pad(prompts)
+      del _DECODE_STEPS[:]
+      out = self.sampler.generate(
+        params, tokens, mask, jax.random.key(0), greedy=True
+      )
+      steps = len(_DECODE_STEPS)
+      want = np.full((8, _T), _PAD, np.int32)
+      want_mask = np.zeros((8, _T), bool)
+      for i, x in enumerate(last):
+        chain = [succ[x]]
+        while chain[-1] != _EOS:
+          chain.append(succ[chain[-1]])
+        want[i, : len(chain)] = chain
+        want_mask[i, : len(chain)] = True
+      np.testing.assert_array_equal(out.completion_tokens, want)
+      np.testing.assert_array_equal(out.completion_mask, want_mask)
+      logps = np.asarray(out.token_logps)
+      self.assertTrue(np.all(logps[~want_mask] == 0.0))
+      self.assertTrue(np.all(logps[want_mask] < 0.0))
+      self.assertEqual(want_mask.sum(1).max(), want_steps)
+      self.assertEqual(steps, want_steps)
     # Same configuration: the params are an argument, nothing recompiled.
     self.assertLen(self.sampler._jitted, 1)
 
@@ -350,7 +357,7 @@ class GreedyTest(absltest.TestCase):
     tokens = jax.device_put(self.tokens, batch)
     mask = jax.device_put(self.mask, batch)
     with jax.set_mesh(mesh), axis_rules([("batch", "data")]):
-      out = _sampler().generate(
+      out = _sampler(cache_segment=2).generate(
         self.params, tokens, mask, jax.random.key(0), greedy=True
       )
     np.testing.assert_array_equal(
@@ -432,6 +439,8 @@ class ArgumentsTest(parameterized.TestCase):
   def test_bad_constructor_and_prompts(self):
     with self.assertRaisesRegex(ValueError, "max_new_tokens"):
       _sampler(max_new_tokens=0)
+    with self.assertRaisesRegex(ValueError, "cache_segment"):
+      _sampler(cache_segment=0)
     tokens, mask = _left_pad(_PROMPTS[:2])
     key = jax.random.key(0)
     with self.assertRaisesRegex(ValueError, "prompt_mask"):
