@@ -44,39 +44,44 @@ SCHEDULES = ("constant", "warmup_cosine", "warmup_linear", "warmup_constant")
 
 
 def make_schedule(config: ml_collections.ConfigDict, total_steps: int):
-  """Learning-rate schedule from ``config.optimizer``."""
+  """Learning-rate schedule from ``config.optimizer``.
+
+  Warmup is linear and counts from one: the update of step ``k`` (1-based,
+  ``k <= warmup_steps``) uses ``lr * k / warmup_steps``, so the first step
+  already moves the parameters (optax's and Hugging Face's schedules give
+  the first step a learning rate of 0). After warmup, ``warmup_cosine``
+  decays to ``final_lr_fraction * lr`` at the last step and
+  ``warmup_linear`` to ``lr / (total_steps - warmup_steps)`` at the last
+  step; both start decaying from ``lr`` on the step after warmup.
+  """
   lr = float(config.learning_rate)
   warmup = int(min(config.get("warmup_steps", 0), max(total_steps - 1, 0)))
   name = config.get("schedule", "constant")
+  if name not in SCHEDULES:
+    raise ValueError(
+      f"config.optimizer.schedule={name!r}; valid choices are {SCHEDULES}."
+    )
   if name == "constant":
     return optax.constant_schedule(lr)
-  if name == "warmup_constant":
-    return optax.join_schedules(
-      [
-        optax.linear_schedule(0.0, lr, max(warmup, 1)),
-        optax.constant_schedule(lr),
-      ],
-      [max(warmup, 1)],
-    )
-  if name == "warmup_cosine":
-    return optax.warmup_cosine_decay_schedule(
-      0.0,
-      lr,
-      max(warmup, 1),
-      max(total_steps, warmup + 1),
-      end_value=lr * config.get("final_lr_fraction", 0.1),
-    )
-  if name == "warmup_linear":
-    return optax.join_schedules(
-      [
-        optax.linear_schedule(0.0, lr, max(warmup, 1)),
-        optax.linear_schedule(lr, 0.0, max(total_steps - warmup, 1)),
-      ],
-      [max(warmup, 1)],
-    )
-  raise ValueError(
-    f"config.optimizer.schedule={name!r}; valid choices are {SCHEDULES}."
-  )
+  decay_steps = max(total_steps - warmup, 1)
+  final = lr * float(config.get("final_lr_fraction", 0.1))
+
+  def schedule(count):
+    count = jnp.asarray(count, jnp.float32)
+    ramp = lr * jnp.minimum(count + 1.0, max(warmup, 1)) / max(warmup, 1)
+    # Steps after warmup: t = 0 at the first of them.
+    t = jnp.clip(count - warmup + 1.0, 0.0, decay_steps)
+    if name == "warmup_constant":
+      after = jnp.full_like(t, lr)
+    elif name == "warmup_cosine":
+      after = final + (lr - final) * 0.5 * (
+        1.0 + jnp.cos(jnp.pi * (t - 1.0) / max(decay_steps - 1, 1))
+      )
+    else:  # warmup_linear
+      after = lr * (1.0 - (t - 1.0) / decay_steps)
+    return jnp.where(count < warmup, ramp, after)
+
+  return schedule
 
 
 def make_optimizer(
