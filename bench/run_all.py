@@ -702,7 +702,11 @@ def render_table(run, results):
       f"{preset}: JAX sides (ours, Tunix) {c['jax']}, torch (TRL) {c['torch']}"
       for preset, c in run["settings"]["chosen"].items()
     )
-    + f". Total wall time {run['wall_s'] / 60:.1f} min.",
+    + (
+      f". Total wall time {run['wall_s'] / 60:.1f} min."
+      if run.get("wall_s")
+      else ". Partial run (re-rendered with --render)."
+    ),
     "",
     "tokens/s = sequence positions per step / median step time (median of "
     "per-round medians; [min–max] over rounds). CPU = process CPU seconds "
