@@ -24,3 +24,4 @@ from alignment.ops._masked import masked_sum
 from alignment.ops._masked import masked_var
 from alignment.ops._masked import masked_whiten
 from alignment.ops._masked import safe_divide
+from alignment.ops._normalizers import *  # noqa: F403
