@@ -29,7 +29,9 @@ class PreferenceBatch(NamedTuple):
 
   ``chosen_*``/``rejected_*`` are ``[B, L]``; ``ref_chosen_logps`` and
   ``ref_rejected_logps`` ``[B]`` hold precomputed reference sequence
-  log-probs (or None); ``margin`` ``[B]`` an optional preference strength.
+  log-probs (or None); ``margin`` ``[B]`` an optional preference strength;
+  ``chosen_score`` / ``rejected_score`` ``[B]`` optional per-response scores
+  (ratings or a gold reward; reward-model regression targets).
   """
 
   chosen_tokens: np.ndarray
@@ -42,6 +44,8 @@ class PreferenceBatch(NamedTuple):
   ref_chosen_logps: np.ndarray | None = None
   ref_rejected_logps: np.ndarray | None = None
   margin: np.ndarray | None = None
+  chosen_score: np.ndarray | None = None
+  rejected_score: np.ndarray | None = None
 
 
 class UnpairedBatch(NamedTuple):

@@ -101,6 +101,8 @@ _SCHEMA = {
   "chosen": _TEXT,
   "rejected": _TEXT,
   "margin": _FLOAT,
+  "chosen_score": _FLOAT,
+  "rejected_score": _FLOAT,
   "label": _BOOL,
   "responses": _TEXTS,
   "scores": _FLOATS,
@@ -394,6 +396,8 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           full = self._complete(row)
           if self.kind == "preference" and math.isfinite(full["margin"]):
             self.counts["margin_rows"] += 1
+          if self.kind == "preference" and math.isfinite(full["chosen_score"]):
+            self.counts["score_rows"] += 1
           yield key, full
           key += 1
     self.counts["rows_written"] = key
@@ -404,7 +408,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     for f in rec.KIND_FIELDS[self.kind]:
       if f in row:
         out[f] = row[f]
-      elif f == "margin":
+      elif f in ("margin", "chosen_score", "rejected_score"):
         out[f] = float("nan")
       elif f in ("prompt_messages", "answer", "solution"):
         out[f] = ""
@@ -433,6 +437,11 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       r["has_margin"] = (
         self.counts["rows_written"] > 0
         and self.counts["margin_rows"] == self.counts["rows_written"]
+      )
+      r["score_rows"] = self.counts["score_rows"]
+      r["has_scores"] = (
+        self.counts["rows_written"] > 0
+        and self.counts["score_rows"] == self.counts["rows_written"]
       )
     return r
 
@@ -1155,6 +1164,17 @@ def convert_generic(
     margin = get("margin", float, optional=True)
     if margin is not None:
       row["margin"] = rec.finite_float(margin, path("margin"))
+    # Optional per-response scores (ratings, a gold reward): both or none.
+    scores = {
+      f: get(f, float, optional=True)
+      for f in ("chosen_score", "rejected_score")
+    }
+    given = [f for f, v in scores.items() if v is not None]
+    if len(given) == 1:
+      other = "rejected_score" if given[0] == "chosen_score" else "chosen_score"
+      raise RowError("missing_field", path(other), f"{given[0]} is given")
+    for f in given:
+      row[f] = rec.finite_float(scores[f], path(f))
   elif kind == "unpaired":
     text, implicit = _completion_value(
       get("completion", (str, list)), path("completion")
@@ -1314,6 +1334,8 @@ def _fingerprint(cls, path, split, on_error, options) -> str:
     {
       "builder": cls.name,
       "version": _VERSION,
+      # A schema change rebuilds: old builds lack the new fields.
+      "schema": sorted(_SCHEMA.items()),
       "split": split,
       "on_error": on_error,
       "options": cls.check_options(options),
@@ -1363,7 +1385,8 @@ def build(
   Returns:
     The :class:`BuiltDataset`; its ``report`` has ``rows_read``,
     ``rows_written``, ``skipped`` (per kind), ``dropped`` and, for
-    preference data, ``has_margin``.
+    preference data, ``has_margin`` and ``has_scores`` (every row has a
+    margin / per-response ``chosen_score`` and ``rejected_score``).
 
   Concurrency: each build writes into a private temporary directory under
   ``data_dir`` and is renamed into place, so concurrent builders of the same

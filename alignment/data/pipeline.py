@@ -294,6 +294,7 @@ class _Source(NamedTuple):
   report: dict
   has_margin: bool
   fingerprint: str
+  has_scores: bool = False
 
 
 class _ConvertedRows(Sequence):
@@ -378,13 +379,20 @@ def load_rows(data_config, kind: str) -> _Source:
         ),
         jsonl,
       )
+    options = {"kind": kind}
+    if kind == "preference":
+      # The task's gold reward of each response is its score column.
+      options["field_map"] = {
+        "chosen_score": "gold_chosen",
+        "rejected_score": "gold_rejected",
+      }
     built = builders.build(
       "jsonl",
       path=jsonl,
       split="train",
       data_dir=data_dir,
       on_error=s["on_error"],
-      options={"kind": kind},
+      options=options,
     )
   elif source in ("jsonl", "parquet", "generic"):
     if not path:
@@ -424,6 +432,7 @@ def load_rows(data_config, kind: str) -> _Source:
     built.report,
     bool(built.report.get("has_margin", False)),
     pathlib.Path(built.directory).parent.name,
+    bool(built.report.get("has_scores", False)),
   )
 
 
@@ -561,6 +570,8 @@ def _process(
       "rejected": _arr(p + r),
       "plen": len(p),
       "margin": float(row.get("margin", float("nan"))),
+      "chosen_score": float(row.get("chosen_score", float("nan"))),
+      "rejected_score": float(row.get("rejected_score", float("nan"))),
       "index": index,
       "tp": tp,
       "tc": tc1 or tc2,
@@ -688,9 +699,12 @@ def _collate(
     rt, ra, rc = pad.right(
       [e["rejected"] for e in ex], [e["plen"] for e in ex], length
     )
-    margin = None
+    margin = chosen_score = rejected_score = None
     if extras.get("has_margin"):
       margin = np.asarray([e["margin"] for e in ex], np.float32)
+    if extras.get("has_scores"):
+      chosen_score = np.asarray([e["chosen_score"] for e in ex], np.float32)
+      rejected_score = np.asarray([e["rejected_score"] for e in ex], np.float32)
     ref_c = ref_r = None
     if extras.get("ref") is not None:
       chosen_lp, rejected_lp, have = extras["ref"]
@@ -706,7 +720,18 @@ def _collate(
       ref_c = np.where(mask, chosen_lp[idx], 0.0).astype(np.float32)
       ref_r = np.where(mask, rejected_lp[idx], 0.0).astype(np.float32)
     return batch_lib.PreferenceBatch(
-      ct, ca, cc, rt, ra, rc, mask, ref_c, ref_r, margin
+      ct,
+      ca,
+      cc,
+      rt,
+      ra,
+      rc,
+      mask,
+      ref_c,
+      ref_r,
+      margin,
+      chosen_score,
+      rejected_score,
     )
   if kind == "unpaired":
     n = len(ex)
@@ -844,7 +869,11 @@ class DataIterator:
       settings["step_separator"] = (
         "" if settings["source"] == "synthetic" else "\n"
       )
-    self._extras = {"has_margin": source_info.has_margin, "ref": ref}
+    self._extras = {
+      "has_margin": source_info.has_margin,
+      "has_scores": source_info.has_scores,
+      "ref": ref,
+    }
     self._info = source_info
     n = len(rows)
     if n == 0:
@@ -1094,6 +1123,17 @@ class DataIterator:
     self._stats = collections.Counter(state.get("stats", {}))
 
   @property
+  def has_margin(self) -> bool:
+    """Preference batches carry ``margin`` (every row of the source has
+    one)."""
+    return bool(self._extras["has_margin"]) and self.kind == "preference"
+
+  @property
+  def has_scores(self) -> bool:
+    """Preference batches carry ``chosen_score`` / ``rejected_score``."""
+    return bool(self._extras["has_scores"]) and self.kind == "preference"
+
+  @property
   def stats(self) -> dict:
     out = dict(self._stats)
     for k, v in (self._info.report.get("skipped") or {}).items():
@@ -1200,10 +1240,15 @@ def make_iterator(
     has_margin = bool(canon) and all(
       math.isfinite(float(r.get("margin", float("nan")))) for r in canon
     )
+    has_scores = bool(canon) and all(
+      math.isfinite(float(r.get(f, float("nan"))))
+      for r in canon
+      for f in ("chosen_score", "rejected_score")
+    )
     fp = hashlib.sha256(
       json.dumps(canon, sort_keys=True, default=str).encode()
     ).hexdigest()[:16]
-    info = _Source(canon, kind, "rows", {}, has_margin, fp)
+    info = _Source(canon, kind, "rows", {}, has_margin, fp, has_scores)
   else:
     info = load_rows(s, kind)
   ref = None

@@ -8,7 +8,8 @@ kind       fields (besides ``prompt``, ``prompt_messages``,  batch
            ``source``)
 ========== ================================================= ===============
 sft        ``completion``                                     SFTBatch
-preference ``chosen``, ``rejected``, ``margin`` (NaN: none)   PreferenceBatch
+preference ``chosen``, ``rejected``, ``margin``,               PreferenceBatch
+           ``chosen_score``, ``rejected_score`` (NaN: none)
 unpaired   ``completion``, ``label`` (bool)                   UnpairedBatch
 ranked     ``responses`` [K], ``scores`` [K]                  RankedBatch
 step       ``steps`` [S], ``step_labels`` [S] in [0, 1]       StepBatch
@@ -75,6 +76,8 @@ KIND_FIELDS = {
     "rejected",
     "margin",
     "source",
+    "chosen_score",
+    "rejected_score",
   ),
   "unpaired": ("prompt", "prompt_messages", "completion", "label", "source"),
   "ranked": ("prompt", "prompt_messages", "responses", "scores", "source"),
