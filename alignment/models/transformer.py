@@ -438,6 +438,9 @@ class Transformer(nnx.Module):
   def embed(self, tokens):
     """Token embeddings ``[B, L, D]`` in the compute dtype."""
     table = self.embedding[...].astype(jnp.dtype(self.config.dtype))
+    # Gathered over fsdp first (as FSDP does for any weight): the lookup of
+    # batch-sharded tokens then yields batch-sharded rows directly.
+    table = constrain(table, ("vocab", None))
     return jnp.take(table, tokens, axis=0)
 
   @typechecked
