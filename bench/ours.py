@@ -13,9 +13,16 @@ Tasks (``spec["task"]``):
   reference model), one step = policy + reference forward, backward, AdamW.
 * ``rm``: ``trainers.reward_model.make_loss_fn`` (Bradley–Terry).
 * ``grpo``: one iteration of ``trainers.rl.run``'s loop: KV-cache sampling
-  of G completions per prompt (``sampling.Sampler``), reward, old-policy and
-  reference log-probs, group advantages, one update with
-  ``trainers.rl.make_policy_loss`` (GRPO loss, k3 KL in the loss).
+  of G completions per prompt (``sampling.Sampler``), reward, reference
+  log-probs (and old-policy log-probs unless ``rl.is_on_policy``: one PPO
+  epoch of one minibatch reuses the loss's own), group advantages, one
+  update with ``trainers.rl.make_policy_loss`` (GRPO loss, k3 KL in the
+  loss). Its stages (``sample``, ``score``, ``update``) are timed
+  separately by ``bench/train_step.py``.
+
+``build(spec)`` returns the compiled step without the worker protocol
+(``bench/train_step.py`` uses it); ``spec_for(task, preset, **shape)``
+makes a spec like ``run_all.py``'s.
 """
 
 import importlib.util
@@ -52,8 +59,58 @@ def _common_config(config, spec):
   return config
 
 
-def main():
-  spec = _protocol.read_spec()
+class Built:
+  """A compiled step of one task: ``step()`` runs one (blocking) step.
+
+  Attributes:
+    step: runs one train step (GRPO: one iteration) and blocks until its
+      results exist.
+    stages: for GRPO, ``[(name, fn), ...]`` whose calls in order make one
+      iteration, each blocking (``sample``, ``score``, ``update``); for the
+      other tasks ``[("update", step)]``.
+    tokens_per_step: tokens processed by one step.
+    info: facts about the model and the run for the report.
+  """
+
+  def __init__(self, stages, tokens_per_step, info):
+    self.stages = stages
+    self.tokens_per_step = tokens_per_step
+    self.info = info
+
+  def step(self):
+    for _, fn in self.stages:
+      fn()
+
+
+def spec_for(task, preset, **shape):
+  """A worker spec like ``bench/run_all.py``'s for ``task`` on ``preset``."""
+  import dataclasses  # noqa: PLC0415
+
+  from alignment import models  # noqa: PLC0415
+
+  cfg = dataclasses.asdict(models.get_preset(preset))
+  model = {
+    k: v
+    for k, v in cfg.items()
+    if v is None or isinstance(v, (int, float, str, bool))
+  }
+  spec = dict(
+    task=task,
+    preset=preset,
+    model=model,
+    learning_rate=1e-6,
+    max_grad_norm=1.0,
+    weight_decay=0.0,
+    seed=0,
+    warmup=2,
+  )
+  spec["beta"] = 0.04 if task == "grpo" else 0.1
+  spec.update(shape)
+  return spec
+
+
+def build(spec) -> Built:
+  """Builds and jit-compiles (lazily) the step of ``spec["task"]``."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -133,6 +190,8 @@ def main():
       holder["state"], metrics = step(holder["state"], frozen, batch)
       jax.block_until_ready((holder["state"], metrics))
 
+    stages = [("update", one_step)]
+
   elif task == "grpo":
     from alignment import sampling
     from alignment.trainers import _lm, rl
@@ -198,10 +257,11 @@ def main():
       )
 
     holder = {"state": state, "it": 0}
+    on_policy = spec.get("on_policy", rl.is_on_policy(config))
     n = spec["batch"] * group
     tokens_per_step = n * (spec["prompt_len"] + spec["completion_len"])
 
-    def one_step():
+    def sample():
       st = holder["state"]
       holder["it"] += 1
       key = jax.random.fold_in(jax.random.key(17), holder["it"])
@@ -213,28 +273,49 @@ def main():
         num_samples=group,
         temperature=1.0,
       )
-      tokens, attn, loss_mask, sampler_lp, rewards, lengths = prepare(out)
-      old_lp = forward_logps(st["params"]["policy"], tokens, attn, loss_mask)
+      holder["sampled"] = jax.block_until_ready(prepare(out))
+
+    def score():
+      tokens, attn, loss_mask, sampler_lp, rewards, lengths = holder["sampled"]
+      policy = holder["state"]["params"]["policy"]
+      # As rl.run: one PPO epoch of one minibatch is on-policy, the loss
+      # then takes the old log-probs from its own forward pass.
+      old_lp = (
+        None if on_policy else forward_logps(policy, tokens, attn, loss_mask)
+      )
       ref_lp = forward_logps(ref, tokens, attn, loss_mask)
       adv, _ = rl.compute_advantages(
         config, ahyper, rewards, lengths, loss_mask, None, group
       )
-      ro = rl.Rollout(
-        tokens, attn, loss_mask, sampler_lp, old_lp, ref_lp, adv, rewards
+      holder["rollout"] = jax.block_until_ready(
+        rl.Rollout(
+          tokens, attn, loss_mask, sampler_lp, old_lp, ref_lp, adv, rewards
+        )
       )
-      holder["state"], metrics = train(st, None, ro)
+
+    def update():
+      holder["state"], metrics = train(holder["state"], None, holder["rollout"])
       jax.block_until_ready((holder["state"], metrics))
+
+    stages = [("sample", sample), ("score", score), ("update", update)]
 
   else:
     raise ValueError(f"unknown task {task!r}")
+  return Built(stages, tokens_per_step, info)
 
-  info["setup_s"] = time.perf_counter() - T0
+
+def main():
+  t0 = time.perf_counter()
+  spec = _protocol.read_spec()
+  built = build(spec)
+  built.info["setup_s"] = time.perf_counter() - t0
   server = _protocol.StepServer(
-    warmup=spec.get("warmup", 2), tokens_per_step=tokens_per_step, info=info
+    warmup=spec.get("warmup", 2),
+    tokens_per_step=built.tokens_per_step,
+    info=built.info,
   )
-  _protocol.run_loop(server, one_step)
+  _protocol.run_loop(server, built.step)
 
 
 if __name__ == "__main__":
-  T0 = time.perf_counter()
   _protocol.guarded(main)

@@ -50,7 +50,9 @@ class Rollout(NamedTuple):
   attention_mask: jax.Array    # [N, P+T]
   loss_mask: jax.Array         # [N, P+T-1] completion positions (targets)
   sampler_token_logps: jax.Array  # [N, P+T-1]
-  old_token_logps: jax.Array   # [N, P+T-1]
+  # [N, P+T-1]; None: on-policy update (see `is_on_policy`), the loss then
+  # uses stop_gradient of its own log-probs.
+  old_token_logps: jax.Array | None
   ref_token_logps: jax.Array   # [N, P+T-1]
   advantages: jax.Array        # [N] or [N, P+T-1]
   rewards: jax.Array           # [N] final (shaped) sequence rewards
@@ -122,6 +124,20 @@ def _check_estimator(name, fn, ahyper):
         " (they have no default); add them to config.advantage.")
 
 
+def is_on_policy(config) -> bool:
+  """True when each rollout is used for exactly one update of the policy.
+
+  With one PPO epoch over one minibatch the parameters that sampled the
+  rollout are the ones being updated, so the "old" log-probs equal the
+  current ones: the loss takes ``stop_gradient`` of its own log-probs
+  (ratio 1 by construction) instead of a separate forward pass before the
+  update (as TRL and Tunix do). Not with ``config.kl.mode == "reward"``,
+  whose penalty needs the old log-probs before the advantages.
+  """
+  return (config.rl.ppo_epochs * config.rl.num_minibatches == 1
+          and config.kl.mode != "reward")
+
+
 def _align_completion(x, prompt_len, fill=0.0):
   """``[N, T]`` completion values → ``[N, P+T-1]`` next-token positions."""
   n = x.shape[0]
@@ -152,7 +168,10 @@ def make_policy_loss(policy_gd, policy_rest, value_gd, value_rest, config):
         chunk_size=chunk, temperature=temperature, return_entropy=True)
     mask = mb.loss_mask
     lp = jnp.where(mask, lp, 0.0)
-    avail = {"token_logps": lp, "old_token_logps": mb.old_token_logps,
+    old = mb.old_token_logps
+    if old is None:  # on-policy: the sampling policy is this one
+      old = jax.lax.stop_gradient(lp)
+    avail = {"token_logps": lp, "old_token_logps": old,
              "ref_token_logps": mb.ref_token_logps,
              "sampler_token_logps": mb.sampler_token_logps,
              "advantages": mb.advantages, "completion_mask": mask,
@@ -175,7 +194,7 @@ def make_policy_loss(policy_gd, policy_rest, value_gd, value_rest, config):
       per = per.reshape(lp.shape)
       weight = jnp.ones_like(lp)
       if correction != "none":
-        args = (mb.old_token_logps, mb.sampler_token_logps, mask)
+        args = (old, mb.sampler_token_logps, mask)
         weight, _ = {"tis": losses.truncated_importance_weights,
                      "mis": losses.masked_importance_weights,
                      "icepop": losses.icepop_weights}[correction](
@@ -205,6 +224,9 @@ def make_policy_loss(policy_gd, policy_rest, value_gd, value_rest, config):
     metrics["kl_k3"] = ops.masked_mean(
         ops.kl_k3(lp, mb.ref_token_logps), mask)
     metrics["policy_loss"] = wm.value()
+    if mb.old_token_logps is None:  # run() has no pre-update forward then
+      metrics["kl_sequence"] = jnp.mean(jnp.sum(jnp.where(
+          mask, jax.lax.stop_gradient(lp) - mb.ref_token_logps, 0.0), -1))
     if value_gd is not None:
       critic = nnx.merge(value_gd, params["value"], value_rest)
       values = critic(mb.tokens, attention_mask=mb.attention_mask)[:, :-1]
@@ -387,6 +409,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                                progress=config.get("progress", True))
   kl_state = losses.adaptive_kl_init(beta=config.kl.beta)
   group = config.rl.num_generations
+  on_policy = is_on_policy(config)
   history = []
   with common._Preemption() as preemption:  # noqa: SLF001
     for iteration in range(start_iter + 1, config.total_steps + 1):
@@ -413,10 +436,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       raw_rewards = seq_rewards
       for name in config.reward.get("shaping", ()):
         seq_rewards = _shape(name, config, seq_rewards, lengths)
-      old_lp = forward_logps(state["params"]["policy"], tokens, attn,
-                             loss_mask)
+      # On-policy: the loss takes the old log-probs from its own forward.
+      old_lp = None if on_policy else forward_logps(
+          state["params"]["policy"], tokens, attn, loss_mask)
       ref_lp = forward_logps(frozen_ref, tokens, attn, loss_mask)
-      kl_seq = jnp.sum(jnp.where(loss_mask, old_lp - ref_lp, 0.0), axis=1)
+      kl_seq = None if on_policy else jnp.sum(
+          jnp.where(loss_mask, old_lp - ref_lp, 0.0), axis=1)
       if config.kl.mode == "reward":
         beta = float(kl_state.beta) if config.kl.get("adaptive", False) \
             else config.kl.beta
@@ -449,10 +474,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         raise common.NonFiniteLossError(
             f"rl: non-finite loss at iteration {iteration}; the latest "
             f"checkpoint is {run_.checkpointer.latest_step() if run_.checkpointer else None}.")
+      if kl_seq is not None:  # else the loss reported it
+        metrics["kl_sequence"] = float(jnp.mean(kl_seq))
       metrics.update({
           "reward": float(jnp.mean(raw_rewards)),
           "shaped_reward": float(jnp.mean(seq_rewards)),
-          "kl_sequence": float(jnp.mean(kl_seq)),
           "completion_length": float(jnp.mean(lengths)),
       })
       if gold is not None:
