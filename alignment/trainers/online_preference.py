@@ -62,6 +62,7 @@ def make_pairs(out, scores, group: int, min_margin: float) -> OnlinePairBatch:
                          scores[worst])
 
 
+@_setup.in_mesh_context
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         init_params=None, reward_params=None, reward_model=None):
   """Online DPO / DNO; returns ``(state, run, history)``."""

@@ -37,6 +37,7 @@ from alignment import data as data_lib
 from alignment.data import synthetic
 from alignment.trainers import (
   _data,
+  _setup,
   policy_eval,
   preference,
   reward_model,
@@ -121,6 +122,7 @@ def relabel_with_reward_model(config, sft_params, graphdef, rest, tokenizer,
   return rows, float(agree)
 
 
+@_setup.in_mesh_context(config_of=lambda config: config.sft)
 def run(config: ml_collections.ConfigDict, workdir: str):
   """Runs every stage; returns the final report dict."""
   t0 = time.perf_counter()

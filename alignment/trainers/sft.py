@@ -27,6 +27,7 @@ def make_loss_fn(graphdef, rest, *, chunk_size: int):
   return loss_fn
 
 
+@_setup.in_mesh_context
 def run(config: ml_collections.ConfigDict, workdir: str):
   """Trains ``config.total_steps`` SFT steps; returns the final params."""
   tokenizer = _data.tokenizer_of(config)
