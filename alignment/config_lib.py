@@ -122,33 +122,115 @@ def mesh_block(**kw) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(kw)
 
 
+_FIELD_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _field_type(annotation) -> type:
+  """The scalar type of a hyperparameter's annotation (``object`` if none)."""
+  if isinstance(annotation, str):
+    return _FIELD_TYPES.get(annotation, object)
+  return annotation if annotation in (int, float, bool, str) else object
+
+
+def required_placeholder(annotation=int) -> ml_collections.FieldReference:
+  """The config value of a hyperparameter that has no default: ``None``
+  typed by its annotation, so ``--config.<block>.<key>=...`` parses; a
+  trainer (and :func:`check_required`) rejects it while it is ``None``."""
+  return ml_collections.FieldReference(None, field_type=_field_type(annotation))
+
+
 def _keyword_defaults(fn) -> dict:
+  """Every keyword-only hyperparameter of ``fn`` with its default; those
+  without a default get :func:`required_placeholder` (``None``)."""
   import inspect  # noqa: PLC0415
 
   out = {}
   sig = inspect.signature(inspect.unwrap(fn))
   for name, p in sig.parameters.items():
-    if p.kind == p.KEYWORD_ONLY and p.default is not p.empty:
-      out[name] = p.default
+    if p.kind != p.KEYWORD_ONLY:
+      continue
+    out[name] = (
+      required_placeholder(p.annotation) if p.default is p.empty else p.default
+    )
   return out
 
 
-def _block_from_registry(registry: dict, kind: str, name: str, overrides
-                         ) -> ml_collections.ConfigDict:
+def required_keys(fn) -> list[str]:
+  """Keyword-only hyperparameters of ``fn`` that have no default."""
+  import inspect  # noqa: PLC0415
+
+  sig = inspect.signature(inspect.unwrap(fn))
+  return [
+    n
+    for n, p in sig.parameters.items()
+    if p.kind == p.KEYWORD_ONLY and p.default is p.empty
+  ]
+
+
+def _block_from_registry(
+  registry: dict, kind: str, name: str, overrides
+) -> ml_collections.ConfigDict:
   if name not in registry:
-    raise ValueError(f"unknown {kind} {name!r}; valid choices are "
-                     f"{sorted(registry)}.")
+    raise ValueError(
+      f"unknown {kind} {name!r}; valid choices are {sorted(registry)}."
+    )
   defaults = _keyword_defaults(registry[name])
   unknown = sorted(set(overrides) - set(defaults))
   if unknown:
-    raise ValueError(f"{kind} {name!r} has no hyperparameters {unknown}; "
-                     f"valid ones are {sorted(defaults)}.")
+    raise ValueError(
+      f"{kind} {name!r} has no hyperparameters {unknown}; "
+      f"valid ones are {sorted(defaults)}."
+    )
   block = ml_collections.ConfigDict()
   block.name = name
   for key, value in {**defaults, **overrides}.items():
     # ConfigDict cannot hold None with a later-typed override; keep None.
     block[key] = value
   return block
+
+
+def _registries() -> dict:
+  from alignment import advantages, losses  # noqa: PLC0415
+
+  return {"loss": losses.REGISTRY, "advantage": advantages.REGISTRY}
+
+
+def unset_required(config, prefix: str = "config") -> list[str]:
+  """Dotted keys of required hyperparameters (no default in the function)
+  still ``None`` in every ``loss`` / ``advantage`` block of ``config``
+  (nested stage configs included)."""
+  registries = _registries()
+  out = []
+  for key, value in config.items():
+    if not isinstance(value, ml_collections.ConfigDict):
+      continue
+    path = f"{prefix}.{key}"
+    registry = registries.get(key)
+    name = value.get("name") if registry is not None else None
+    if isinstance(name, str) and name in registry:
+      out += [
+        f"{path}.{k}"
+        for k in required_keys(registry[name])
+        if value.get(k) is None
+      ]
+    else:
+      out += unset_required(value, path)
+  return out
+
+
+def check_required(config) -> None:
+  """Fails at start if a required hyperparameter was left unset.
+
+  Raises:
+    ValueError: naming each key (e.g. ``config.advantage.k`` of
+      ``pass_at_k``) and how to set it.
+  """
+  missing = unset_required(config)
+  if missing:
+    flags = " ".join(f"--{k}=..." for k in missing)
+    raise ValueError(
+      f"{missing} have no default and must be set (e.g. {flags})."
+    )
 
 
 def loss(name: str, **overrides) -> ml_collections.ConfigDict:
@@ -164,8 +246,9 @@ def advantage(name: str, **overrides) -> ml_collections.ConfigDict:
   """``config.advantage``: an ``advantages.REGISTRY`` name + hyperparams."""
   from alignment import advantages  # noqa: PLC0415
 
-  return _block_from_registry(advantages.REGISTRY, "advantage estimator",
-                              name, overrides)
+  return _block_from_registry(
+    advantages.REGISTRY, "advantage estimator", name, overrides
+  )
 
 
 def registry_names(kind: str) -> list[str]:
@@ -173,10 +256,12 @@ def registry_names(kind: str) -> list[str]:
   ``policy``, ``advantage``."""
   from alignment import advantages, losses  # noqa: PLC0415
 
-  table = {"preference": losses.PREFERENCE_LOSSES,
-           "reward_model": losses.REWARD_MODEL_LOSSES,
-           "policy": losses.POLICY_LOSSES,
-           "advantage": advantages.REGISTRY}
+  table = {
+    "preference": losses.PREFERENCE_LOSSES,
+    "reward_model": losses.REWARD_MODEL_LOSSES,
+    "policy": losses.POLICY_LOSSES,
+    "advantage": advantages.REGISTRY,
+  }
   return sorted(table[kind])
 
 
@@ -196,16 +281,27 @@ def data(source: str = "synthetic", **kw) -> ml_collections.ConfigDict:
   block.field_map = ml_collections.ConfigDict()
   block.num_examples = 2048
   block.task_seed = 0
-  block.task = ml_collections.ConfigDict(dict(
-      n_prompt_letters=5, completion_len=8, p_in=0.3, label_temperature=0.1,
-      rule="first_half"))
+  block.task = ml_collections.ConfigDict(
+    dict(
+      n_prompt_letters=5,
+      completion_len=8,
+      p_in=0.3,
+      label_temperature=0.1,
+      rule="first_half",
+    )
+  )
   block.update(kw)
   return block
 
 
-def base(trainer: str, *, total_steps: int, batch_size: int,
-         learning_rate: float, model_preset: str = "small"
-         ) -> ml_collections.ConfigDict:
+def base(
+  trainer: str,
+  *,
+  total_steps: int,
+  batch_size: int,
+  learning_rate: float,
+  model_preset: str = "small",
+) -> ml_collections.ConfigDict:
   """Fields every trainer config has (steps, batch, model, optimiser, mesh,
   rules, checkpoints, logging)."""
   config = ml_collections.ConfigDict()
@@ -219,8 +315,9 @@ def base(trainer: str, *, total_steps: int, batch_size: int,
   config.optimizer = optimizer(learning_rate, config.get_ref("total_steps"))
   config.mesh = [list(axis) for axis in DEFAULT_MESH]
   config.logical_axis_rules = [list(rule) for rule in DEFAULT_RULES]
-  config.checkpoint = ml_collections.ConfigDict(dict(
-      enabled=True, every=200, keep=2, async_save=True))
+  config.checkpoint = ml_collections.ConfigDict(
+    dict(enabled=True, every=200, keep=2, async_save=True)
+  )
   config.log_every = 1
   config.progress = True
   config.logps_chunk_size = 2048
@@ -228,8 +325,9 @@ def base(trainer: str, *, total_steps: int, batch_size: int,
   return config
 
 
-def runlocal(config: ml_collections.ConfigDict, *, steps: int = 2,
-             batch_size: int = 8) -> ml_collections.ConfigDict:
+def runlocal(
+  config: ml_collections.ConfigDict, *, steps: int = 2, batch_size: int = 8
+) -> ml_collections.ConfigDict:
   """Shrinks a config for a CPU smoke run (tiny model, few steps)."""
   config.total_steps = steps
   config.batch_size = batch_size

@@ -43,9 +43,10 @@ def main(argv):
     jax.distributed.initialize(**kwargs)
   jax.config.update("jax_threefry_partitionable", True)
 
-  from alignment import trainers  # noqa: PLC0415
+  from alignment import config_lib, trainers  # noqa: PLC0415
 
   config = flags.FLAGS.config
+  config_lib.check_required(config)  # hyperparameters without a default
   if jax.process_index() == 0:
     logging.info("config:\n%s", config)
   trainer = trainers.get_trainer(config.trainer)

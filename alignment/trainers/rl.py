@@ -116,12 +116,14 @@ def _check_estimator(name, fn, ahyper):
     raise ValueError(
         f"config.advantage.name={name!r} needs K rewards per sample "
         "([B, G, K]); the RL trainer scores one reward per sample.")
+  # Unset: absent, or config_lib's None placeholder (config_lib.advantage).
   no_default = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY
-                and p.default is p.empty and n not in ahyper]
+                and p.default is p.empty and ahyper.get(n) is None]
   if no_default:
     raise ValueError(
         f"config.advantage.name={name!r} needs hyperparameters {no_default}"
-        " (they have no default); add them to config.advantage.")
+        " (they have no default); set them: "
+        + " ".join(f"--config.advantage.{n}=..." for n in no_default))
 
 
 def is_on_policy(config) -> bool:
