@@ -19,57 +19,38 @@ wants to shard; unknown names stay replicated):
 * KV cache: ``layers``, ``batch``, ``length``, ``kv_heads``, ``kv``.
 """
 
-import contextlib
-import contextvars
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import jax
 from flax import nnx
-from flax.core import spmd as flax_spmd
 from jax.sharding import PartitionSpec
 
 from alignment.sharding import rules as rules_lib
+from alignment.sharding.rules import (
+  activation_context,
+  axis_rules,
+  current_rules,
+)
+
+__all__ = [
+  "activation_context",
+  "axis_rules",
+  "constrain",
+  "current_rules",
+  "logical_to_mesh",
+  "param_logical_axes",
+  "param_shardings",
+]
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 LogicalAxes = tuple[str | None, ...]
-
-_RULES: contextvars.ContextVar[tuple | None] = contextvars.ContextVar(
-  "alignment_logical_axis_rules", default=None
-)
-
-
-@contextlib.contextmanager
-def axis_rules(rules: Rules) -> Iterator[None]:
-  """Sets the logical→mesh rule table for :func:`constrain` in a block.
-
-  The same rules are also installed as Flax's logical axis rules, so
-  ``nnx.get_partition_spec`` resolves parameter names with them.
-
-  Args:
-    rules: ``[(logical_name, mesh_axis | (mesh_axes, ...) | None), ...]``;
-      the first rule naming a logical axis wins.
-  """
-  rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in rules)
-  token = _RULES.set(rules)
-  try:
-    with flax_spmd.logical_axis_rules(rules):
-      yield
-  finally:
-    _RULES.reset(token)
-
-
-def current_rules() -> tuple:
-  """The rules set by :func:`axis_rules` (or Flax's context), else ``()``."""
-  rules = _RULES.get()
-  if rules is None:
-    rules = tuple(flax_spmd.get_logical_axis_rules())
-  return rules
 
 
 def logical_to_mesh(
   logical_axes: Sequence[str | None],
   rules: Rules | None = None,
   mesh=None,
+  shape: Sequence[int] | None = None,
 ) -> PartitionSpec:
   """Maps logical axis names to a ``PartitionSpec`` on ``mesh``.
 
@@ -77,6 +58,8 @@ def logical_to_mesh(
     logical_axes: one logical name (or None) per array dimension.
     rules: rule table; defaults to :func:`current_rules`.
     mesh: a ``Mesh`` or ``AbstractMesh``; defaults to the context mesh.
+    shape: the array's shape, if known (mesh axes that do not divide a
+      dimension are skipped for it).
 
   Returns:
     The ``PartitionSpec`` (mesh axes of size 1, or already used by an
@@ -84,14 +67,16 @@ def logical_to_mesh(
   """
   rules = current_rules() if rules is None else rules
   mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-  return rules_lib.logical_to_spec(tuple(logical_axes), rules, mesh)
+  return rules_lib.logical_to_spec(tuple(logical_axes), rules, mesh, shape)
 
 
 def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
   """Sharding constraint on an activation by logical axis names.
 
   A no-op unless both a mesh (``jax.set_mesh``) and rules
-  (:func:`axis_rules`) are set in the current context.
+  (:func:`axis_rules`) are set in the current context
+  (:func:`activation_context` sets both). A mesh axis that does not divide
+  the dimension its rule maps it to is left out for that dimension.
 
   Args:
     x: the activation.
@@ -109,7 +94,7 @@ def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
       f"logical_axes {logical_axes} has {len(logical_axes)} names for an "
       f"array of rank {x.ndim}."
     )
-  spec = logical_to_mesh(logical_axes, rules, mesh)
+  spec = logical_to_mesh(logical_axes, rules, mesh, x.shape)
   if mesh.are_all_axes_explicit:
     return jax.sharding.reshard(x, spec)
   return jax.lax.with_sharding_constraint(x, spec)
@@ -139,6 +124,9 @@ def param_logical_axes(tree) -> object:
 def param_shardings(tree, mesh, rules: Rules | None = None):
   """``NamedSharding`` per parameter of an NNX module/state on ``mesh``.
 
+  A mesh axis that does not divide the dimension its rule maps it to is
+  left out for that dimension (see `alignment.sharding.logical_to_spec`).
+
   Args:
     tree: an ``nnx.Module`` or ``nnx.State`` (abstract or concrete).
     mesh: the device mesh.
@@ -149,9 +137,11 @@ def param_shardings(tree, mesh, rules: Rules | None = None):
     leaves.
   """
   rules = current_rules() if rules is None else rules
-  axes = param_logical_axes(tree)
-  return jax.tree.map(
-    lambda a: jax.sharding.NamedSharding(mesh, logical_to_mesh(a, rules, mesh)),
-    axes,
-    is_leaf=lambda x: isinstance(x, tuple),
-  )
+  state = nnx.state(tree) if isinstance(tree, nnx.Module) else tree
+
+  def one(v):
+    axes = tuple(v.get_metadata().get("out_sharding") or ())
+    spec = logical_to_mesh(axes, rules, mesh, tuple(v.shape) if axes else None)
+    return jax.sharding.NamedSharding(mesh, spec)
+
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

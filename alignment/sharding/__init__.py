@@ -3,14 +3,20 @@ axis names."""
 
 from alignment.sharding.mesh import make_mesh, resolve_mesh_shape
 from alignment.sharding.partition import (
-    batch_shard_count,
-    batch_sharding,
-    replicated,
-    shard_batch,
-    state_shardings,
+  batch_axes,
+  batch_shard_count,
+  batch_sharding,
+  check_batch_size,
+  process_batch_slice,
+  replicated,
+  shard_batch,
+  state_shardings,
 )
 from alignment.sharding.rules import (
-    check_divisible,
-    logical_sharding,
-    logical_to_spec,
+  activation_context,
+  axis_rules,
+  check_divisible,
+  current_rules,
+  logical_sharding,
+  logical_to_spec,
 )

@@ -54,6 +54,18 @@ def _fit_spec(shape, spec: P, mesh: Mesh, path: str, strict: bool = False) -> P:
   return P(*out)
 
 
+def _logical_names(leaf) -> tuple | None:
+  """A variable's logical axis names, read from its metadata as written.
+
+  (Not ``nnx.get_partition_spec``: inside Flax's logical-axis-rules
+  context that returns names already mapped to mesh axes.)
+  """
+  if not isinstance(leaf, nnx.Variable):
+    return None
+  names = leaf.get_metadata().get("out_sharding")
+  return tuple(names) if names else None
+
+
 def state_shardings(
   abstract_state, mesh: Mesh, rules, *, strict: bool = False
 ) -> nnx.State:
@@ -62,12 +74,12 @@ def state_shardings(
   Args:
     abstract_state: ``nnx.State`` (or any pytree of ``nnx.Variable`` /
       ShapeDtypeStruct leaves) whose variables carry logical axis names in
-      their ``out_sharding`` / ``sharding_names`` metadata.
+      their ``out_sharding`` metadata.
     mesh: device mesh.
     rules: logical-to-mesh rule table.
-    strict: raise (instead of replicating along that axis, with a logged
-      warning) when a mesh axis does not divide the dimension its rule
-      maps it to.
+    strict: raise (instead of leaving that axis out for that dimension,
+      with a logged warning, where it stays free for a later dimension)
+      when a mesh axis does not divide the dimension its rule maps it to.
 
   Returns:
     A pytree with the state's structure and a ``NamedSharding`` per leaf.
@@ -76,20 +88,26 @@ def state_shardings(
     ValueError: with ``strict``, naming the parameter, dimension, size and
       mesh axis that do not fit.
   """
-  logical = nnx.get_partition_spec(abstract_state)
 
-  def one(path, spec, leaf):
-    shape = np.shape(leaf)
-    name = jax.tree_util.keystr(path)
-    mesh_spec = rules_lib.logical_to_spec(
-      tuple(spec) if spec else None, rules, mesh
-    )
-    return NamedSharding(
-      mesh, _fit_spec(shape, mesh_spec, mesh, name, strict=strict)
-    )
+  def one(path, leaf):
+    shape = tuple(np.shape(leaf))
+    names = _logical_names(leaf)
+    if names is None:
+      sharding = NamedSharding(mesh, P())
+    else:
+      name = jax.tree_util.keystr(path)
+      wanted = rules_lib.logical_to_spec(names, rules, mesh)
+      # Raises (strict) or logs each axis that does not divide its dim.
+      _fit_spec(shape, wanted, mesh, name, strict=strict)
+      spec = rules_lib.logical_to_spec(names, rules, mesh, shape)
+      sharding = NamedSharding(mesh, spec)
+    # Same tree structure as the state: variables hold their sharding.
+    if isinstance(leaf, nnx.Variable):
+      return leaf.replace(sharding)
+    return sharding
 
   return jax.tree.map_with_path(
-    one, logical, abstract_state, is_leaf=lambda x: isinstance(x, P)
+    one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
   )
 
 

@@ -1032,15 +1032,9 @@ def plan(
 
 def activation_context(mesh, rules):
   """Context that makes the models' logical ``constrain`` calls bind to
-  ``mesh`` and ``rules`` while a step is traced."""
-  import contextlib  # noqa: PLC0415
-
-  from alignment import models  # noqa: PLC0415
-
-  stack = contextlib.ExitStack()
-  stack.enter_context(jax.set_mesh(mesh))
-  stack.enter_context(models.axis_rules(rules))
-  return stack
+  ``mesh`` and ``rules`` while a step is traced (see
+  `alignment.sharding.activation_context`)."""
+  return rules_lib.activation_context(mesh, rules)
 
 
 def jit_train_step(

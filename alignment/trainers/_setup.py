@@ -1,6 +1,7 @@
 """Run setup shared by the trainers: mesh, model, optimiser, restore."""
 
 import dataclasses
+import functools
 import logging
 import os
 import pathlib
@@ -18,13 +19,53 @@ from alignment.trainers import common
 
 
 def rules_of(config) -> tuple:
-  return tuple((k, tuple(v) if isinstance(v, list) else v)
-               for k, v in config.get("logical_axis_rules", ()))
+  return tuple(
+    (k, tuple(v) if isinstance(v, list) else v)
+    for k, v in config.get("logical_axis_rules", ())
+  )
 
 
 def mesh_of(config):
   spec = [tuple(x) for x in config.get("mesh", (("data", -1),))]
   return sharding_lib.make_mesh(spec)
+
+
+def mesh_context(config):
+  """The activation context of a config's run: ``jax.set_mesh`` on its mesh
+  plus its logical-axis rules (`alignment.sharding.activation_context`).
+
+  Inside it, the models' activation constraints (hidden states, attention,
+  MLP, logits, the sampler's KV cache) bind to the mesh; outside it they
+  are no-ops.
+  """
+  return sharding_lib.activation_context(mesh_of(config), rules_of(config))
+
+
+def in_mesh_context(run_fn=None, *, config_of=None):
+  """Decorator: a trainer's ``run(config, workdir, ...)`` runs inside
+  :func:`mesh_context` of its config.
+
+  Every jitted function of the run (train step, reference and old
+  log-probs, sampling, scoring, evaluation) is then traced and called with
+  the mesh and rules in context, so the models' activation sharding
+  constraints apply. Nested runs (the pipeline's stages) enter their own.
+
+  Args:
+    run_fn: the ``run`` function (when used as ``@in_mesh_context``).
+    config_of: maps the run's config to the config block whose ``mesh``
+      and ``logical_axis_rules`` apply (default: the config itself).
+  """
+
+  def wrap(fn):
+    @functools.wraps(fn)
+    def wrapped(config, *args, **kwargs):
+      block = config if config_of is None else config_of(config)
+      with mesh_context(block):
+        return fn(config, *args, **kwargs)
+
+    return wrapped
+
+  return wrap if run_fn is None else wrap(run_fn)
 
 
 def model_config(block: ml_collections.ConfigDict):
@@ -53,15 +94,20 @@ class Run:
   model_config: Any
 
 
-def build_model(kind: str, model_block, mesh, rules, seed: int,
-                **model_kwargs) -> tuple[common.ShardedModel, Any]:
+def build_model(
+  kind: str, model_block, mesh, rules, seed: int, **model_kwargs
+) -> tuple[common.ShardedModel, Any]:
   """A born-sharded model of ``kind``, from a preset or an HF checkpoint."""
   init_from = model_block.get("init_from", "") or ""
   if init_from:
     cfg, module = models.load_hf_checkpoint(
-        init_from, kind=kind, mesh=mesh, rules=rules,
-        dtype=model_block.get("dtype", "float32"),
-        param_dtype=model_block.get("param_dtype", "float32"))
+      init_from,
+      kind=kind,
+      mesh=mesh,
+      rules=rules,
+      dtype=model_block.get("dtype", "float32"),
+      param_dtype=model_block.get("param_dtype", "float32"),
+    )
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     p_shard = sharding_lib.state_shardings(params, mesh, rules)
     r_shard = sharding_lib.state_shardings(rest, mesh, rules)
@@ -70,8 +116,11 @@ def build_model(kind: str, model_block, mesh, rules, seed: int,
     return common.ShardedModel(graphdef, params, rest, p_shard, r_shard), cfg
   cfg = model_config(model_block)
   sharded = common.create_sharded_model(
-      lambda rngs: models.build_model(kind, cfg, rngs=rngs, **model_kwargs),
-      seed, mesh, rules)
+    lambda rngs: models.build_model(kind, cfg, rngs=rngs, **model_kwargs),
+    seed,
+    mesh,
+    rules,
+  )
   return sharded, cfg
 
 
@@ -79,10 +128,16 @@ def module_from_state(sharded: common.ShardedModel, params) -> nnx.Module:
   return nnx.merge(sharded.graphdef, params, sharded.rest)
 
 
-def setup_run(config: ml_collections.ConfigDict, workdir: str, *,
-              kind: str, total_steps: int,
-              init_params: Callable[[common.ShardedModel], Any] | None = None,
-              model_kwargs: dict | None = None, restore: bool = True) -> Run:
+def setup_run(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  kind: str,
+  total_steps: int,
+  init_params: Callable[[common.ShardedModel], Any] | None = None,
+  model_kwargs: dict | None = None,
+  restore: bool = True,
+) -> Run:
   """Mesh, model (born sharded), optimiser and restored state for a run.
 
   If ``workdir/checkpoints`` holds a checkpoint, the run resumes from its
@@ -94,22 +149,27 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str, *,
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = mesh_of(config)
   rules = rules_of(config)
-  sharded, cfg = build_model(kind, config.model, mesh, rules, config.seed,
-                             **(model_kwargs or {}))
+  sharded, cfg = build_model(
+    kind, config.model, mesh, rules, config.seed, **(model_kwargs or {})
+  )
   if init_params is not None:
     # A private copy: the train state is donated to the step, and the caller
     # may keep using the params it passed (e.g. as the frozen reference).
-    sharded.params = frozen_copy(init_params(sharded),
-                                 sharded.param_shardings)
+    sharded.params = frozen_copy(init_params(sharded), sharded.param_shardings)
   tx = common.make_optimizer(config.optimizer, total_steps)
-  opt_shardings = common.opt_state_shardings(tx, sharded.params,
-                                             sharded.param_shardings, mesh)
+  opt_shardings = common.opt_state_shardings(
+    tx, sharded.params, sharded.param_shardings, mesh
+  )
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(sharded.params)
   rng = jax.random.key(config.seed)
   state = common.train_state(sharded.params, opt_state, 0, rng)
   repl = sharding_lib.replicated(mesh)
-  shardings = {"params": sharded.param_shardings, "opt_state": opt_shardings,
-               "step": repl, "rng": repl}
+  shardings = {
+    "params": sharded.param_shardings,
+    "opt_state": opt_shardings,
+    "step": repl,
+    "rng": repl,
+  }
   # Commit every leaf to its sharding now: an uncommitted step/rng would
   # make the first call of the jitted step compile twice.
   state = jax.device_put(state, shardings)
@@ -118,38 +178,57 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str, *,
   data_state = None
   if ckpt_cfg.get("enabled", True):
     checkpointer = common.Checkpointer(
-        workdir / "checkpoints", keep=ckpt_cfg.get("keep", 3),
-        save_every=ckpt_cfg.get("every", 0),
-        async_save=ckpt_cfg.get("async_save", True))
+      workdir / "checkpoints",
+      keep=ckpt_cfg.get("keep", 3),
+      save_every=ckpt_cfg.get("every", 0),
+      async_save=ckpt_cfg.get("async_save", True),
+    )
     abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        state, shardings)
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      state,
+      shardings,
+    )
     restored = checkpointer.restore(abstract) if restore else None
     if restored is not None:
       state, extra = restored
       data_state = extra.get("data_state")
-      logging.info("resumed from %s at step %d", checkpointer.directory,
-                   int(state["step"]))
-  return Run(config, workdir, mesh, rules, sharded, tx, state, shardings,
-             checkpointer, data_state, cfg)
+      logging.info(
+        "resumed from %s at step %d", checkpointer.directory, int(state["step"])
+      )
+  return Run(
+    config,
+    workdir,
+    mesh,
+    rules,
+    sharded,
+    tx,
+    state,
+    shardings,
+    checkpointer,
+    data_state,
+    cfg,
+  )
 
 
 def frozen_copy(params, shardings):
   """A separate (donation-safe) copy of params for a frozen reference."""
-  return jax.jit(lambda p: jax.tree.map(lambda x: x + 0, p),
-                 out_shardings=shardings)(params)
+  return jax.jit(
+    lambda p: jax.tree.map(lambda x: x + 0, p), out_shardings=shardings
+  )(params)
 
 
 def jit_step(step_fn, run: Run, frozen_shardings, batch_example):
   """``jit`` with explicit shardings; the train state is donated."""
   batch_shardings = jax.tree.map(
-      lambda x: sharding_lib.batch_sharding(run.mesh, run.rules, np.ndim(x)),
-      batch_example)
+    lambda x: sharding_lib.batch_sharding(run.mesh, run.rules, np.ndim(x)),
+    batch_example,
+  )
   return jax.jit(
-      step_fn,
-      in_shardings=(run.state_shardings, frozen_shardings, batch_shardings),
-      out_shardings=(run.state_shardings, None),
-      donate_argnums=(0,))
+    step_fn,
+    in_shardings=(run.state_shardings, frozen_shardings, batch_shardings),
+    out_shardings=(run.state_shardings, None),
+    donate_argnums=(0,),
+  )
 
 
 def export_dir(workdir) -> pathlib.Path:
@@ -171,12 +250,16 @@ def finish(run: Run, state, history, *, kind: str, name: str) -> None:
   if not is_main_process():
     return
   rows = common.read_metrics(run.workdir / f"metrics_{name}.jsonl")
-  common.plot_metrics(rows, run.workdir / f"curves_{name}.png",
-                      title=f"{name}: {run.config.get('trainer', '')}")
+  common.plot_metrics(
+    rows,
+    run.workdir / f"curves_{name}.png",
+    title=f"{name}: {run.config.get('trainer', '')}",
+  )
   if run.config.get("export_hf", False):
     module = module_from_state(run.model, state["params"])
-    models.export_hf_checkpoint(module, run.model_config,
-                                export_dir(run.workdir), kind=kind)
+    models.export_hf_checkpoint(
+      module, run.model_config, export_dir(run.workdir), kind=kind
+    )
 
 
 def load_reward_model(path: str, mesh, rules, where: str):
@@ -185,17 +268,23 @@ def load_reward_model(path: str, mesh, rules, where: str):
   Returns ``(params, (graphdef, rest))``.
   """
   if not path:
-    raise ValueError(f"{where} is empty: give the directory of a reward "
-                     "model exported with export_hf=True (<workdir>/export).")
+    raise ValueError(
+      f"{where} is empty: give the directory of a reward "
+      "model exported with export_hf=True (<workdir>/export)."
+    )
   directory = pathlib.Path(path)
   if (directory / "export" / "config.json").exists():
     directory = directory / "export"
   if not (directory / "config.json").exists():
-    raise ValueError(f"{where}={path!r}: no config.json there (nor in "
-                     "export/); export the reward model with export_hf=True.")
-  _, module = models.load_hf_checkpoint(str(directory), kind="reward",
-                                        mesh=mesh, rules=rules)
+    raise ValueError(
+      f"{where}={path!r}: no config.json there (nor in "
+      "export/); export the reward model with export_hf=True."
+    )
+  _, module = models.load_hf_checkpoint(
+    str(directory), kind="reward", mesh=mesh, rules=rules
+  )
   graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-  params = jax.device_put(params, sharding_lib.state_shardings(params, mesh,
-                                                               rules))
+  params = jax.device_put(
+    params, sharding_lib.state_shardings(params, mesh, rules)
+  )
   return params, (graphdef, rest)

@@ -3,19 +3,25 @@
 Each step is built as its trainer builds it (``create_sharded_model`` on a
 mesh from ``alignment.sharding.make_mesh``, optimiser state born sharded,
 ``jit`` with ``out_shardings`` and a donated state, batches placed with
-``shard_batch``) and run for 3 steps on a fixed synthetic batch, once on a
-1-device mesh and once on 8 fake CPU devices with data=2, fsdp=2, tensor=2.
-Losses and final parameters must agree to 1e-5 (SGD with momentum; see
-``_train`` for why not Adam).
+``shard_batch``, traced and run inside the activation context of mesh and
+rules, as ``_setup.in_mesh_context`` runs every trainer) and run for 3 steps
+on a fixed synthetic batch, once on a 1-device mesh and once on 8 fake CPU
+devices with data=2, fsdp=2, tensor=2. Losses and final parameters must
+agree to 1e-5 (SGD with momentum; see ``_train`` for why not Adam). The
+8-device DPO step's program must carry the models' activation sharding
+constraints, and every trainer's ``run`` must enter that context.
 """
+
+import re
 
 import jax
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from alignment import config_lib, models
+from alignment import config_lib, models, trainers
 from alignment import sharding as sharding_lib
 from alignment.data import batches as data_batches
+from alignment.models import partitioning
 from alignment.trainers import _setup, common, preference, rl
 from alignment.trainers import reward_model as rm
 from tests.trainers import _util
@@ -26,6 +32,7 @@ STEPS = 3
 B, L, G, PROMPT = 4, 12, 4, 4
 
 _CACHE = None
+_RESULTS: dict = {}
 
 
 def setUpModule():
@@ -86,7 +93,20 @@ def _rollout():
 
 
 def _train(trainer, n_devices):
-  """3 steps of ``trainer`` on an n-device mesh: (losses, final params)."""
+  """Cached :func:`_train_uncached`."""
+  if (trainer, n_devices) not in _RESULTS:
+    _RESULTS[trainer, n_devices] = _train_uncached(trainer, n_devices)
+  return _RESULTS[trainer, n_devices]
+
+
+def _train_uncached(trainer, n_devices):
+  """3 steps of ``trainer`` on an n-device mesh.
+
+  Returns:
+    ``(losses, final params, programs)``; ``programs`` has the step's
+    StableHLO traced outside and inside the activation context and its
+    compiled HLO (8-device DPO only, else None).
+  """
   mesh = _mesh(n_devices)
   if trainer == "dpo":
     config = _util.load_config("preference", "loss=dpo,runlocal")
@@ -150,17 +170,26 @@ def _train(trainer, n_devices):
     donate_argnums=(0,),
   )
   device_batch = sharding_lib.shard_batch(batch, mesh, RULES)
-  losses = []
-  for _ in range(STEPS):
-    state, metrics = step(state, frozen, device_batch)
-    losses.append(float(metrics["loss"]))
+  programs = None
+  if trainer == "dpo" and n_devices > 1:
+    # Traced without the context: the models' constraints are no-ops.
+    outside = step.lower(state, frozen, device_batch).as_text()
+  with sharding_lib.activation_context(mesh, RULES):
+    lowered = step.lower(state, frozen, device_batch)
+    compiled = lowered.compile()
+    if trainer == "dpo" and n_devices > 1:
+      programs = (outside, lowered.as_text(), compiled.as_text())
+    losses = []
+    for _ in range(STEPS):
+      state, metrics = compiled(state, frozen, device_batch)
+      losses.append(float(metrics["loss"]))
   leaves = jax.tree.leaves(state["params"])
   if n_devices > 1:  # really spread over the 8 devices
     sharded = [x for x in leaves if len(x.sharding.device_set) == 8]
     assert sharded and any(
       not x.sharding.is_fully_replicated for x in sharded
     ), "no parameter is split over the mesh"
-  return losses, jax.device_get(state["params"])
+  return losses, jax.device_get(state["params"]), programs
 
 
 class ShardedTrainStepTest(parameterized.TestCase):
@@ -168,8 +197,8 @@ class ShardedTrainStepTest(parameterized.TestCase):
     ("dpo", "dpo"), ("reward_model", "reward_model"), ("grpo", "grpo")
   )
   def test_8_devices_equal_1_device(self, trainer):
-    losses_1, params_1 = _train(trainer, 1)
-    losses_8, params_8 = _train(trainer, 8)
+    losses_1, params_1, _ = _train(trainer, 1)
+    losses_8, params_8, _ = _train(trainer, 8)
     self.assertTrue(np.all(np.isfinite(losses_1)))
     self.assertLen(set(losses_1), STEPS)  # the steps did something
     np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5, atol=1e-5)
@@ -177,6 +206,70 @@ class ShardedTrainStepTest(parameterized.TestCase):
       jax.tree.leaves(params_8), jax.tree.leaves(params_1), strict=True
     ):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+  def test_dpo_step_carries_the_activation_constraints(self):
+    outside, inside, compiled = _train("dpo", 8)[2]
+    rows, length = 2 * B, L  # chosen and rejected rows go in one forward
+    d, h, kv = MODEL.d_model, MODEL.n_heads, MODEL.n_kv_heads
+    n, f = MODEL.head_dim, MODEL.d_ff
+    self.assertNotIn("sharding_constraint", outside)
+    batch = '{"data", "fsdp"}'
+    want = {
+      # hidden states [B, L, D] (embed -> fsdp is taken by the batch)
+      f"[{batch}, {{}}, {{}}]> : tensor<{rows}x{length}x{d}xf32>",
+      # queries, keys/values [B, L, heads, N]: heads over tensor
+      f'[{batch}, {{}}, {{"tensor"}}, {{}}]> : '
+      f"tensor<{rows}x{length}x{h}x{n}xf32>",
+      f'[{batch}, {{}}, {{"tensor"}}, {{}}]> : '
+      f"tensor<{rows}x{length}x{kv}x{n}xf32>",
+      # MLP hidden [B, L, F]: F over tensor
+      f'[{batch}, {{}}, {{"tensor"}}]> : tensor<{rows}x{length}x{f}xf32>',
+    }
+    found = set(
+      re.findall(r"sdy\.sharding_constraint %\S+ <@\w+, (.*)", inside)
+    )
+    for constraint in want:
+      self.assertTrue(
+        any(constraint in x for x in found), (constraint, sorted(found))
+      )
+    # Partitioned: every [b, L, ...] activation holds 1/4 of the rows
+    # (data x fsdp), and the MLP / attention tiles are split over tensor.
+    local = rows // 4
+    leading = {
+      int(m)
+      for m in re.findall(rf"f32\[(\d+),{length},\d+(?:,\d+)?\]", compiled)
+    }
+    self.assertEqual(leading, {local})
+    self.assertIn(f"f32[{local},{length},{f // 2}]", compiled)
+    self.assertIn(f"f32[{local},{length},{h // 2},{n}]", compiled)
+
+
+class MeshContextTest(absltest.TestCase):
+  def test_every_trainer_runs_inside_its_mesh_context(self):
+    config = _util.load_config("sft", "runlocal")
+    config.mesh = [["data", 2], ["fsdp", 2], ["tensor", 2]]
+    config.logical_axis_rules = [["batch", "data"], ["vocab", "tensor"]]
+
+    def probe(config, workdir):
+      del config, workdir
+      mesh = jax.sharding.get_abstract_mesh()
+      return dict(mesh.shape), partitioning.current_rules()
+
+    self.assertTrue(jax.sharding.get_abstract_mesh().empty)
+    shape, rules = _setup.in_mesh_context(probe)(config, "unused")
+    self.assertEqual(shape, {"data": 2, "fsdp": 2, "tensor": 2})
+    self.assertEqual(rules, (("batch", "data"), ("vocab", "tensor")))
+    self.assertTrue(jax.sharding.get_abstract_mesh().empty)  # left again
+    self.assertEqual(partitioning.current_rules(), ())
+    # The pipeline takes its mesh from its SFT stage's block.
+    outer = {"sft": config}
+    shape, _ = _setup.in_mesh_context(config_of=lambda c: c["sft"])(probe)(
+      outer, "unused"
+    )
+    self.assertEqual(shape, {"data": 2, "fsdp": 2, "tensor": 2})
+    for name, module in trainers.REGISTRY.items():
+      wrapped = getattr(module.run, "__wrapped__", None)
+      self.assertIsNotNone(wrapped, f"{name}.run is not in_mesh_context")
 
 
 if __name__ == "__main__":
