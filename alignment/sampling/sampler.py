@@ -10,6 +10,14 @@ in segments (room for 128 new tokens, then 256, 512, ...; one loop per
 size, see ``Sampler(cache_segment=...)``): the cost of a step follows the
 length generated so far instead of ``max_new_tokens``.
 
+On a mesh the KV cache is placed by the logical-axis rules: keys and values
+``[layers, N, S, KV, head_dim]`` by ``models.CACHE_AXES`` (rows over the
+``batch`` rule, i.e. data x fsdp; KV heads over ``kv_heads``, i.e. tensor,
+where it divides them), positions ``[N, S]`` and indices ``[N]`` by
+``batch``. The mesh and rules are those of the context
+(`alignment.sharding.activation_context`, which every trainer enters), or
+the ``mesh``/``rules`` given to `Sampler`.
+
 Returned log-probs are those of the distribution actually sampled from
 (after temperature, top-k and top-p), i.e. the *sampler* log-probs that
 importance-sampling corrections compare with the trainer's. With top-k and
@@ -17,6 +25,7 @@ top-p off they equal the trainer's teacher-forced log-probs at the same
 temperature (tested to 1e-5).
 """
 
+import contextlib
 import functools
 from typing import NamedTuple
 
@@ -24,6 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from alignment.models import partitioning
+from alignment.models.transformer import CACHE_AXES, KVCache
+from alignment.sharding import rules as rules_lib
 
 _NEG_INF = -1e30
 
@@ -134,6 +147,22 @@ def _grow(cache, grown):
   return jax.tree.map(put, cache, grown)
 
 
+def constrain_cache(cache: KVCache) -> KVCache:
+  """Places a `KVCache` by its logical axes (a no-op without a mesh and
+  rules in context): keys/values by ``CACHE_AXES`` (``layers, batch,
+  length, kv_heads, kv``), positions by ``(batch, length)``, the next-slot
+  indices by ``batch``. A mesh axis that does not divide a dimension (e.g.
+  tensor=4 with 2 KV heads) is left out for it."""
+  return KVCache(
+    k=partitioning.constrain(cache.k, CACHE_AXES),
+    v=partitioning.constrain(cache.v, CACHE_AXES),
+    key_positions=partitioning.constrain(
+      cache.key_positions, ("batch", "length")
+    ),
+    index=partitioning.constrain(cache.index, ("batch",)),
+  )
+
+
 def _check(max_new_tokens, temperature, top_k, top_p, num_samples):
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
@@ -201,6 +230,10 @@ class Sampler:
       sampler (``jax.jit(..., compiler_options=...)``), e.g.
       ``{"xla_backend_optimization_level": 0}`` to compile tiny test models
       quickly.
+    mesh, rules: optional device mesh and logical-axis rules; given both,
+      sampling runs inside their activation context (the KV cache and the
+      activations are placed by the rules). Default: whatever context the
+      caller is in (a trainer's run is inside its mesh's).
   """
 
   def __init__(
@@ -214,6 +247,8 @@ class Sampler:
     cache_dtype=None,
     cache_segment: int | None = 128,
     compiler_options: dict | None = None,
+    mesh=None,
+    rules=None,
   ):
     _check(max_new_tokens, 1.0, 0, 1.0, 1)
     self.graphdef = graphdef
@@ -228,7 +263,16 @@ class Sampler:
       )
     self.cache_segment = cache_segment
     self.compiler_options = dict(compiler_options) if compiler_options else None
+    if (mesh is None) != (rules is None):
+      raise ValueError("give both mesh and rules, or neither.")
+    self.mesh = mesh
+    self.rules = None if rules is None else rules_lib.normalize_rules(rules)
     self._jitted = {}
+
+  def _context(self):
+    if self.mesh is None:
+      return contextlib.nullcontext()
+    return rules_lib.activation_context(self.mesh, self.rules)
 
   def generate(
     self,
@@ -260,6 +304,43 @@ class Sampler:
     Returns:
       :class:`SampleOutput` with ``N = B·G`` rows.
     """
+    fn, args = self._prepare(
+      params,
+      prompt_tokens,
+      prompt_mask,
+      rng,
+      num_samples=num_samples,
+      temperature=temperature,
+      top_k=top_k,
+      top_p=top_p,
+      greedy=greedy,
+    )
+    with self._context():
+      return fn(*args)
+
+  def lower(
+    self, params, prompt_tokens, prompt_mask, rng, **kwargs
+  ) -> jax.stages.Lowered:
+    """The jitted sampler lowered for these arguments (as `generate` would
+    run it, same keyword arguments), e.g. to read its compiled HLO or
+    ``.compile().memory_analysis()``."""
+    fn, args = self._prepare(params, prompt_tokens, prompt_mask, rng, **kwargs)
+    with self._context():
+      return fn.lower(*args)
+
+  def _prepare(
+    self,
+    params,
+    prompt_tokens,
+    prompt_mask,
+    rng,
+    *,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+  ):
     _check(self.max_new_tokens, temperature, top_k, top_p, num_samples)
     _check_prompts(prompt_tokens, prompt_mask)
     # Temperature and top-p are traced, so changing them does not recompile;
@@ -276,7 +357,7 @@ class Sampler:
         ),
         compiler_options=self.compiler_options,
       )
-    return self._jitted[key](
+    args = (
       params,
       jnp.asarray(prompt_tokens, jnp.int32),
       jnp.asarray(prompt_mask, bool),
@@ -284,6 +365,7 @@ class Sampler:
       jnp.float32(temperature),
       jnp.float32(top_p),
     )
+    return self._jitted[key], args
 
   def _generate(
     self,
@@ -305,8 +387,13 @@ class Sampler:
     n, p = prompts.shape
     t_max = self.max_new_tokens
     segments = _segments(t_max, self.cache_segment)
-    cache = model.init_cache(n, p + segments[0], self.cache_dtype)
+    prompts = partitioning.constrain(prompts, ("batch", None))
+    mask = partitioning.constrain(mask, ("batch", None))
+    cache = constrain_cache(
+      model.init_cache(n, p + segments[0], self.cache_dtype)
+    )
     hidden, cache = model.hidden(prompts, attention_mask=mask, cache=cache)
+    cache = constrain_cache(cache)
     w = model.unembedding()
     logits = jnp.einsum(
       "nd,dv->nv", hidden[:, -1], w, preferred_element_type=jnp.float32
@@ -343,25 +430,30 @@ class Sampler:
       live_mask = live_mask.at[:, t].set(live)
       done = done | (live & (token == self.eos_id))
       hidden, cache = model.hidden(token[:, None], cache=cache, decode=True)
+      cache = constrain_cache(cache)
       logits = jnp.einsum(
         "nd,dv->nv", hidden[:, 0], w, preferred_element_type=jnp.float32
       )
       return t + 1, cache, logits, toks, logps, live_mask, done, key
 
+    rows = lambda x: partitioning.constrain(  # noqa: E731
+      x, ("batch",) + (None,) * (x.ndim - 1)
+    )
     carry = (
       jnp.int32(0),
       cache,
       logits,
-      jnp.full((n, t_max), self.pad_id, jnp.int32),
-      jnp.zeros((n, t_max), jnp.float32),
-      jnp.zeros((n, t_max), bool),
-      jnp.zeros((n,), bool),
+      rows(jnp.full((n, t_max), self.pad_id, jnp.int32)),
+      rows(jnp.zeros((n, t_max), jnp.float32)),
+      rows(jnp.zeros((n, t_max), bool)),
+      rows(jnp.zeros((n,), bool)),
       rng,
     )
     for i, end in enumerate(segments):
       if i:  # room for the next segment; stopped rows skip it at once
         grown = model.init_cache(n, p + end, self.cache_dtype)
-        carry = (carry[0], _grow(carry[1], grown), *carry[2:])
+        grown = constrain_cache(_grow(carry[1], constrain_cache(grown)))
+        carry = (carry[0], grown, *carry[2:])
       carry = jax.lax.while_loop(functools.partial(cond, end), body, carry)
     _, _, _, toks, logps, completion_mask, _, _ = carry
     # completion_mask: True for every token sampled while the row was live,

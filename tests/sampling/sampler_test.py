@@ -19,18 +19,17 @@ configuration is built once per class and every check of that
 configuration runs on it.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from alignment import ops
-from alignment.models import CausalLM, axis_rules, get_preset
+from alignment import config_lib, ops, sharding
+from alignment.models import CausalLM, get_preset, init_cache
 from alignment.sampling import sampler as sampler_lib
-from tests import testing
 
 _CONFIG = get_preset("tiny")
 _PAD, _EOS = _CONFIG.pad_id, _CONFIG.eos_id
@@ -171,6 +170,13 @@ def _teacher_forced_logps(params, prompts, completions, temperature):
   logps = np.asarray(ops.token_logps(logits[:, :-1], rows[:, 1:]))
   return np.stack(
     [logps[i, len(p) - 1 : len(p) - 1 + _T] for i, p in enumerate(prompts)]
+  )
+
+
+def _constraints(stablehlo: str) -> set[str]:
+  """``"[{...}, ...]> : tensor<...>"`` of each sharding constraint."""
+  return set(
+    re.findall(r"sdy\.sharding_constraint %\S+ <@\w+, (.*)", stablehlo)
   )
 
 
@@ -351,21 +357,62 @@ class GreedyTest(absltest.TestCase):
     # Same configuration: the params are an argument, nothing recompiled.
     self.assertLen(self.sampler._jitted, 1)
 
-  def test_sharded_batch_equals_unsharded(self):
-    mesh = testing.data_mesh(8)
-    batch = NamedSharding(mesh, P("data"))
-    tokens = jax.device_put(self.tokens, batch)
-    mask = jax.device_put(self.mask, batch)
-    with jax.set_mesh(mesh), axis_rules([("batch", "data")]):
-      out = _sampler(cache_segment=2).generate(
-        self.params, tokens, mask, jax.random.key(0), greedy=True
-      )
+  def test_sharded_cache_and_batch_equal_unsharded(self):
+    # data=2, fsdp=2, tensor=2 with the default rules: rows over data x
+    # fsdp, the 2 KV heads over tensor; parameters born sharded.
+    mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
+    rules = config_lib.DEFAULT_RULES
+    params = jax.device_put(
+      self.params, sharding.state_shardings(_ABSTRACT, mesh, rules)
+    )
+    rows = sharding.batch_sharding(mesh, rules, 2)
+    tokens = jax.device_put(self.tokens, rows)
+    mask = jax.device_put(self.mask, rows)
+    sampler = _sampler(cache_segment=2, mesh=mesh, rules=rules)
+    args = (params, tokens, mask, jax.random.key(0))
+    out = sampler.generate(*args, greedy=True)
     np.testing.assert_array_equal(
       out.completion_tokens, self.out.completion_tokens
     )
     np.testing.assert_allclose(out.token_logps, self.out.token_logps, atol=1e-5)
-    spec = out.completion_tokens.sharding.spec
-    self.assertEqual(spec[0], "data", spec)
+    self.assertEqual(out.completion_tokens.sharding.spec[0], ("data", "fsdp"))
+    # The cache of every segment (P + 2, P + 4, P + 8 slots) is held as
+    # [layers, N/4, S, KV/2, head_dim] tiles; no device holds all rows.
+    lowered = sampler.lower(*args, greedy=True)
+    hlo = lowered.compile().as_text()
+    c, n, p = _CONFIG, len(_PROMPTS), self.tokens.shape[1]
+    constraints = _constraints(lowered.as_text())
+    for slots in (p + 2, p + 4, p + _T):
+      shape = f"{c.n_layers}x{n}x{slots}x{c.n_kv_heads}x{c.head_dim}xf32"
+      want = f'[{{}}, {{"data", "fsdp"}}, {{}}, {{"tensor"}}, {{}}]> : tensor<{shape}>'
+      self.assertIn(want, constraints)
+      tile = f"[{c.n_layers},{n // 4},{slots},{c.n_kv_heads // 2},{c.head_dim}]"
+      whole = f"[{c.n_layers},{n},{slots},"
+      self.assertIn(f"f32{tile}", hlo)
+      self.assertNotIn(f"f32{whole}", hlo)
+
+  def test_cache_rule_skips_axes_that_do_not_divide(self):
+    # tensor=4 does not divide the 2 KV heads: they stay whole, rows still
+    # split over fsdp.
+    mesh = sharding.make_mesh([("data", 1), ("fsdp", 2), ("tensor", 4)])
+    cache = jax.eval_shape(lambda: init_cache(_CONFIG, 4, 6))
+    with sharding.activation_context(mesh, config_lib.DEFAULT_RULES):
+      text = jax.jit(sampler_lib.constrain_cache).lower(cache).as_text()
+    constraints = _constraints(text)
+    kv = f"tensor<{_CONFIG.n_layers}x4x6x{_CONFIG.n_kv_heads}x"
+    self.assertTrue(
+      any(
+        x.startswith('[{}, {"fsdp"}, {}, {}, {}]') and kv in x
+        for x in constraints
+      ),
+      constraints,
+    )
+    self.assertTrue(
+      any(
+        x.startswith('[{"fsdp"}, {}]> : tensor<4x6xi32>') for x in constraints
+      ),
+      constraints,
+    )
 
 
 class SamplingTest(absltest.TestCase):
