@@ -19,6 +19,7 @@ from jax.sharding import AbstractMesh
 
 from alignment import config_lib, models, sharding
 from alignment.sharding import partition, planner
+from alignment.trainers import common
 
 RULES = config_lib.DEFAULT_RULES
 RULE_NAMES = {name for name, _ in RULES}
@@ -194,6 +195,62 @@ class MeshErrorTest(absltest.TestCase):
       jax.process_count = original
 
 
+class EnsembleMembersTest(absltest.TestCase):
+  def test_member_axis_placed_by_its_rule(self):
+    # ("members", "fsdp") ahead of the defaults: each fsdp group holds its
+    # members whole-width (the embed dims give fsdp up to them); with 3
+    # members fsdp=2 does not divide the member axis, and the members keep
+    # the default placement (embed over fsdp).
+    rules = (("members", "fsdp"), *RULES)
+    mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
+    cfg = models.get_preset("tiny", n_layers=1)
+
+    def specs(num_members):
+      abstract = nnx.eval_shape(
+        lambda: models.build_model(
+          "ensemble_stacked", cfg, rngs=nnx.Rngs(0), num_members=num_members
+        )
+      )
+      shardings = sharding.state_shardings(
+        nnx.state(abstract, nnx.Param), mesh, rules
+      )
+      return {
+        jax.tree_util.keystr(p): tuple(s.spec)
+        for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]
+      }
+
+    two, three = specs(2), specs(3)
+    q = next(k for k in two if k.endswith("['q_kernel'].value"))
+    self.assertEqual(two[q], ("fsdp", None, "tensor"))  # [M, D, H, N]
+    self.assertEqual(three[q], (None, "fsdp", "tensor"))
+    for key, spec in two.items():
+      self.assertEqual(spec[:1], ("fsdp",), key)  # every stacked parameter
+
+    # The sharded forward (inside the activation context) equals one device.
+    model = common.create_sharded_model(
+      lambda rngs: models.build_model(
+        "ensemble_stacked", cfg, rngs=rngs, num_members=2
+      ),
+      0,
+      mesh,
+      rules,
+    )
+    tokens = np.arange(4 * 6, dtype=np.int32).reshape(4, 6) % 200
+    batch = sharding.shard_batch({"tokens": tokens}, mesh, rules)["tokens"]
+
+    @jax.jit
+    def forward(params, rest, tokens):
+      return nnx.merge(model.graphdef, params, rest)(tokens)
+
+    with sharding.activation_context(mesh, rules):
+      got = forward(model.params, model.rest, batch)
+    host = jax.device_get((model.params, model.rest))
+    want = forward(*host, tokens)  # one device
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+      self.assertEqual(a.shape[0], 2)  # [M, ...]
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 class PlannerStepsTest(absltest.TestCase):
   def test_workload_validation_names_the_numbers(self):
     with self.assertRaisesRegex(ValueError, r"trainer must be one of"):
@@ -204,8 +261,6 @@ class PlannerStepsTest(absltest.TestCase):
       planner.Workload("sft", batch=6, seq_len=8, microbatches=4)
 
   def test_optimizer_shardings_match_trainers_common(self):
-    from alignment.trainers import common
-
     mesh = sharding.make_mesh([("data", 1), ("fsdp", 8), ("tensor", 1)])
     cfg = models.get_preset("tiny", vocab_size=256, n_layers=1)
     tx = optax.adamw(1e-3)
