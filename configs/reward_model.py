@@ -5,23 +5,59 @@ Local smoke run (CPU, tiny model, synthetic pairs):
 Objective and ensemble are structural args:
   ... --config=configs/reward_model.py:loss=gaussian_bt,runlocal
   ... --config=configs/reward_model.py:ensemble=heads,members=4,runlocal
+Named variants (``variant=``, see ``VARIANTS``) pick the objective and the
+head that its inputs need; on the synthetic data the per-response score
+columns hold the task's gold reward (BT regression targets, scaled-BT
+magnitudes, ties):
+  ... --config=configs/reward_model.py:variant=brme,members=2,runlocal
 """
 
 import ml_collections
 
 from alignment import config_lib
 
+# variant -> (loss, ensemble kind or None to keep the ensemble= arg).
+VARIANTS = {
+  # targets: the chosen_score / rejected_score columns.
+  "bt_regression": ("bt_regression", None),
+  # magnitude: |margin|, else |chosen_score - rejected_score|.
+  "scaled_bt": ("scaled_bt", None),
+  # ties: pairs whose margin (else score gap) is exactly 0.
+  "ties_rao_kupper": ("bt_ties_rao_kupper", None),
+  "ties_davidson": ("bt_ties_davidson", None),
+  # BRME: M stacked Gaussian members ([M, B] means and log-variances).
+  "brme": ("brme", "stacked"),
+  # margin from the ensemble's preference strength.
+  "adaptive_margin": ("bt_adaptive_margin", "heads"),
+  # SCAN: step MC scores (the step labels), outcome (the last step's label).
+  "prm_scan": ("prm_scan", None),
+}
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = config_lib.parse_arg(arg, model="small", loss="bradley_terry",
-                             ensemble="none", members=4, runlocal=False)
+                             ensemble="none", members=4, variant="",
+                             runlocal=False)
+  if arg.variant:
+    if arg.variant not in VARIANTS:
+      raise ValueError(f"config arg: variant={arg.variant!r}; valid "
+                       f"variants are {sorted(VARIANTS)}.")
+    loss, ensemble = VARIANTS[arg.variant]
+    if arg.loss not in ("bradley_terry", loss):
+      raise ValueError(f"config arg: variant={arg.variant!r} trains "
+                       f"{loss!r}, not loss={arg.loss!r}.")
+    arg.loss = loss
+    arg.ensemble = ensemble or arg.ensemble
   config = config_lib.base("reward_model", total_steps=2000, batch_size=64,
                            learning_rate=1e-5, model_preset=arg.model)
   config.loss = config_lib.loss(arg.loss)
   config.ensemble = ml_collections.ConfigDict(dict(
       kind=arg.ensemble, num_members=arg.members))
   config.reward_model = ml_collections.ConfigDict(dict(
-      direction=[0.7, 0.3], embed_dim=8))
+      direction=[0.7, 0.3], embed_dim=8, noise_samples=1,
+      # prm_scan: the completer's accuracy on the questions (SCAN's
+      # self-confidence) when the step data carries none; 1 keeps all.
+      self_confidence=1.0))
   config.data = config_lib.data("synthetic", max_prompt_len=256,
                                 max_completion_len=256)
   config.eval_data = config_lib.data("synthetic", max_prompt_len=256,

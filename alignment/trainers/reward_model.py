@@ -2,14 +2,37 @@
 
 Each objective is paired with the head that produces its inputs:
 
-* scalar pairwise objectives (Bradley–Terry and its margin / ties / scaled
-  forms) → ``RewardModel`` (or an ensemble, trained member by member:
-  ``config.ensemble.kind`` = ``heads`` | ``stacked``);
+* scalar pairwise objectives (Bradley–Terry and its margin / ties / scaled /
+  regression forms) → ``RewardModel`` (or an ensemble, trained member by
+  member: ``config.ensemble.kind`` = ``heads`` | ``stacked``);
 * Gaussian / uncertainty-aware objectives → ``GaussianRewardModel``;
+  ``brme`` → ``config.ensemble.num_members`` stacked Gaussian members
+  (``[M, B]`` means and log-variances);
 * ``multi_objective`` → ``MultiObjectiveRewardModel``;
 * ``gpm`` → ``PreferenceEmbeddingModel``;
 * ``plackett_luce`` → ``RewardModel`` on ranked lists;
 * ``prm_*`` → ``ValueModel`` read at the step-end tokens (process RMs).
+
+Arrays are passed to the objective by parameter name. Besides the head's
+outputs, preference batches supply, when the data has the columns:
+
+* ``margin`` (the data's preference-strength column);
+* ``magnitude`` (scaled BT): ``|margin|``, else ``|chosen_score -
+  rejected_score|``;
+* ``ties`` (Rao–Kupper, Davidson): the pairs whose strength (margin, else
+  score gap) is exactly 0;
+* ``chosen_targets`` / ``rejected_targets`` (BT + regression): the
+  per-response ``chosen_score`` / ``rejected_score`` columns (the synthetic
+  task fills them with its gold reward).
+
+Step batches supply ``step_mc_scores`` (the step labels, Monte-Carlo
+success rates), ``outcome_correct`` (the last step's label > 0.5: no
+rollout continues past the final step, so its MC score is the solution's
+outcome) and ``self_confidence`` (``config.reward_model.self_confidence``
+for every question; 1 keeps every sample) for SCAN's ``prm_scan``.
+
+:func:`check_inputs` fails at start, naming the objective, the missing
+arrays and what this trainer supplies for the configured head and data.
 
 At the end (and every ``config.eval_every`` steps) the model is evaluated
 on the held-out split: pairwise accuracy (overall and per subset),
@@ -27,35 +50,65 @@ from flax import nnx
 from alignment import evaluation, losses, models, ops
 from alignment.trainers import _data, _lm, _setup, common
 
-_GAUSSIAN = ("gaussian_bt", "gaussian_bt_sampled", "brme")
+_GAUSSIAN = ("gaussian_bt", "gaussian_bt_sampled")
+_GAUSSIAN_ENSEMBLE = ("brme",)
 _RANKED = ("plackett_luce",)
 _STEP = ("prm_hard", "prm_soft", "prm_scan")
+_ENSEMBLES = ("ensemble_heads", "ensemble_stacked")
+# Optional columns of preference data that feed extra objective inputs.
+DATA_COLUMNS = ("margin", "scores")
 
 
 def model_kind(config) -> tuple[str, dict]:
   """``(models.build_model kind, kwargs)`` for the configured objective."""
   name = config.loss.name
   ensemble = config.get("ensemble", ml_collections.ConfigDict())
+  ekind = ensemble.get("kind", "none")
+  if ekind not in ("none", "heads", "stacked"):
+    raise ValueError(
+      f"config.ensemble.kind={ekind!r}; valid choices are "
+      "'none', 'heads', 'stacked'."
+    )
+  members = int(ensemble.get("num_members", 4))
+  if name in _GAUSSIAN_ENSEMBLE:
+    # BRME's M Gaussian heads: M stacked GaussianRewardModel members (the
+    # multi-head ensemble has scalar heads only).
+    if ekind == "heads":
+      raise ValueError(
+        f"config.loss.name={name!r} needs Gaussian ensemble members; "
+        "config.ensemble.kind='heads' has scalar heads only. Use "
+        "ensemble=stacked or none (M = config.ensemble.num_members)."
+      )
+    return "ensemble_stacked", {
+      "num_members": members,
+      "member_kind": "gaussian_reward",
+    }
   if name in _GAUSSIAN:
-    return "gaussian_reward", {}
-  if name == "multi_objective":
-    return "multi_objective_reward", {
-        "num_objectives": len(config.reward_model.direction)}
-  if name == "gpm":
-    return "preference_embedding", {
-        "embed_dim": config.reward_model.get("embed_dim", 8)}
-  if name in _STEP:
-    return "value", {}
-  kind = ensemble.get("kind", "none")
-  if kind == "heads":
-    return "ensemble_heads", {"num_heads": ensemble.num_members}
-  if kind == "stacked":
-    return "ensemble_stacked", {"num_members": ensemble.num_members,
-                                "member_kind": "reward"}
-  if kind != "none":
-    raise ValueError(f"config.ensemble.kind={kind!r}; valid choices are "
-                     "'none', 'heads', 'stacked'.")
-  return "reward", {}
+    kind, kwargs = "gaussian_reward", {}
+  elif name == "multi_objective":
+    kind = "multi_objective_reward"
+    kwargs = {"num_objectives": len(config.reward_model.direction)}
+  elif name == "gpm":
+    kind = "preference_embedding"
+    kwargs = {"embed_dim": config.reward_model.get("embed_dim", 8)}
+  elif name in _STEP:
+    kind, kwargs = "value", {}
+  elif ekind == "heads":
+    return "ensemble_heads", {"num_heads": members}
+  elif ekind == "stacked":
+    return "ensemble_stacked", {
+      "num_members": members,
+      "member_kind": "reward",
+    }
+  else:
+    return "reward", {}
+  if ekind != "none":
+    raise ValueError(
+      f"config.ensemble.kind={ekind!r} ensembles scalar reward heads; "
+      f"config.loss.name={name!r} trains a {kind!r} head. Use "
+      "ensemble=none (or loss=brme for a Gaussian ensemble)."
+    )
+  return kind, kwargs
 
 
 def data_kind(config) -> str:
@@ -67,95 +120,326 @@ def data_kind(config) -> str:
   return "preference"
 
 
+def _is_gaussian(kind: str, kwargs: dict) -> bool:
+  return kind == "gaussian_reward" or kwargs.get("member_kind") == (
+    "gaussian_reward"
+  )
+
+
+def supplied_arrays(config, columns=DATA_COLUMNS) -> tuple[str, ...]:
+  """Arrays this trainer can pass to the configured objective.
+
+  Args:
+    config: the run config (``loss.name``, ``ensemble``, ``reward_model``).
+    columns: the optional data columns the batches carry, a subset of
+      :data:`DATA_COLUMNS` (``"margin"``: a preference-strength column;
+      ``"scores"``: per-response ``chosen_score`` / ``rejected_score``).
+
+  Returns:
+    The array names, for the head of :func:`model_kind` on the data of
+    :func:`data_kind`.
+  """
+  unknown = sorted(set(columns) - set(DATA_COLUMNS))
+  if unknown:
+    raise ValueError(f"unknown data columns {unknown}; valid: {DATA_COLUMNS}.")
+  dkind = data_kind(config)
+  if dkind == "ranked":
+    return ("rewards", "ranking", "mask")
+  if dkind == "step":
+    return (
+      "step_logits",
+      "step_labels",
+      "step_targets",
+      "step_mask",
+      "step_mc_scores",
+      "outcome_correct",
+      "self_confidence",
+    )
+  kind, kwargs = model_kind(config)
+  if kind == "preference_embedding":
+    out = ["chosen_embeddings", "rejected_embeddings"]
+  else:
+    out = ["chosen_rewards", "rejected_rewards"]
+  if _is_gaussian(kind, kwargs):
+    out += ["chosen_log_vars", "rejected_log_vars"]
+    if kind == "gaussian_reward":
+      out += ["chosen_noise", "rejected_noise"]
+  elif kind in _ENSEMBLES:
+    out += ["ensemble_chosen_rewards", "ensemble_rejected_rewards"]
+  if kind == "multi_objective_reward":
+    out.append("direction")
+  if "margin" in columns:
+    out.append("margin")
+  if "margin" in columns or "scores" in columns:
+    out += ["magnitude", "ties"]
+  if "scores" in columns:
+    out += ["chosen_targets", "rejected_targets"]
+  return tuple(out)
+
+
+# Why an array is missing, and how to get it.
+_HINTS = {
+  "margin": "a 'margin' column (preference strength) in the data",
+  "magnitude": "a 'margin' column or per-response 'chosen_score'/"
+  "'rejected_score' columns in the data (e.g. data.source='synthetic', "
+  "whose gold reward fills the scores, or a jsonl field_map)",
+  "ties": "a 'margin' column or per-response 'chosen_score'/"
+  "'rejected_score' columns in the data (ties: strength exactly 0)",
+  "chosen_targets": "per-response 'chosen_score'/'rejected_score' columns in"
+  " the data (e.g. data.source='synthetic', or a jsonl field_map)",
+  "ensemble_chosen_rewards": "an ensemble: config.ensemble.kind='heads' or "
+  "'stacked' (config arg ensemble=heads,members=M)",
+  "rewards": "per-response attribute ratings ([B, K] targets), which no "
+  "data kind of alignment.data carries",
+}
+_HINTS["rejected_targets"] = _HINTS["chosen_targets"]
+_HINTS["ensemble_rejected_rewards"] = _HINTS["ensemble_chosen_rewards"]
+_HINTS["targets"] = _HINTS["rewards"]
+
+
+def check_inputs(config, columns=DATA_COLUMNS) -> None:
+  """Fails at start if the objective needs arrays this trainer cannot supply.
+
+  With the default ``columns`` (every optional data column present) it
+  rejects objectives no data can feed with the configured head; with the
+  columns of the actual data (``run`` does this once the data is open) it
+  also rejects those whose column is missing.
+
+  Raises:
+    ValueError: naming ``config.loss.name``, the missing arrays, the head
+      and data kind, what is supplied and how to get what is missing.
+  """
+  name = config.loss.name
+  fn = losses.REWARD_MODEL_LOSSES[name]
+  _, required, _ = _lm.split_kwargs(fn)
+  supplied = supplied_arrays(config, columns)
+  missing = [a for a in required if a not in supplied]
+  if not missing:
+    return
+  kind, kwargs = model_kind(config)
+  head = kind
+  if kwargs.get("member_kind"):
+    head = f"{kind} of {kwargs['member_kind']}"
+  data = f"{data_kind(config)!r} data"
+  if data_kind(config) == "preference":
+    data += f" with columns {sorted(columns)}"
+  hints = sorted({_HINTS[a] for a in missing if a in _HINTS})
+  raise ValueError(
+    f"config.loss.name={name!r} needs arrays {missing}, which the "
+    f"reward-model trainer does not supply for a {head!r} head on {data}; "
+    f"it supplies {list(supplied)}."
+    + (f" Needs: {'; '.join(hints)}." if hints else "")
+  )
+
+
 def loss_spec(config):
   name = config.loss.name
   if name not in losses.REWARD_MODEL_LOSSES:
     raise ValueError(
-        f"config.loss.name={name!r} is not a reward-model loss; valid choices"
-        f" are {sorted(losses.REWARD_MODEL_LOSSES)}.")
+      f"config.loss.name={name!r} is not a reward-model loss; valid choices"
+      f" are {sorted(losses.REWARD_MODEL_LOSSES)}."
+    )
   fn = losses.REWARD_MODEL_LOSSES[name]
   hyper = {k: v for k, v in config.loss.items() if k != "name"}
   _lm.check_hyperparameters(fn, hyper, "config.loss", name)
+  check_inputs(config)
   return fn, hyper
 
 
-def _pair_forward(model, batch, *, member_axis: bool):
-  """Scores chosen and rejected rows in one call: leaves of ``[2B, ...]``
-  outputs (``[M, 2B]`` for ensembles, ``member_axis=True``) split back
-  into ``(chosen, rejected)``."""
+def _pair_forward(model, batch):
+  """Scores chosen and rejected rows in one call: every leaf of the
+  ``[2B, ...]`` output (``[M, 2B, ...]`` for ensembles: the member axis
+  leads) split back into ``(chosen, rejected)``."""
   b = batch.chosen_tokens.shape[0]
-  tokens = jnp.concatenate(_lm.pad_to_same_length(
-      batch.chosen_tokens, batch.rejected_tokens), axis=0)
-  attn = jnp.concatenate(_lm.pad_to_same_length(
-      batch.chosen_attention_mask, batch.rejected_attention_mask), axis=0)
+  tokens = jnp.concatenate(
+    _lm.pad_to_same_length(batch.chosen_tokens, batch.rejected_tokens), axis=0
+  )
+  attn = jnp.concatenate(
+    _lm.pad_to_same_length(
+      batch.chosen_attention_mask, batch.rejected_attention_mask
+    ),
+    axis=0,
+  )
   out = model(tokens, attention_mask=attn)
-  if member_axis:  # ensembles: [M, 2B]
-    return out[:, :b], out[:, b:]
-  return (jax.tree.map(lambda x: x[:b], out),
-          jax.tree.map(lambda x: x[b:], out))
+  axis = 1 if head_kind(model) in _ENSEMBLES else 0
+  first = jax.tree.map(lambda x: jax.lax.slice_in_dim(x, 0, b, axis=axis), out)
+  second = jax.tree.map(
+    lambda x: jax.lax.slice_in_dim(x, b, 2 * b, axis=axis), out
+  )
+  return first, second
+
+
+_HEAD_KINDS = (  # most specific class first
+  (models.StackedEnsemble, "ensemble_stacked"),
+  (models.MultiHeadEnsembleRewardModel, "ensemble_heads"),
+  (models.GaussianRewardModel, "gaussian_reward"),
+  (models.MultiObjectiveRewardModel, "multi_objective_reward"),
+  (models.PreferenceEmbeddingModel, "preference_embedding"),
+  (models.ValueModel, "value"),
+  (models.RewardModel, "reward"),
+)
+
+
+def head_kind(model) -> str:
+  """The ``models.build_model`` kind of a reward-model module.
+
+  Outputs are interpreted by this kind, never by their rank: an
+  ensemble's ``[M, B]`` scores and a GPM's ``[B, D]`` embeddings are both
+  2-D.
+  """
+  for cls, kind in _HEAD_KINDS:
+    if isinstance(model, cls):
+      return kind
+  raise ValueError(
+    f"{type(model).__name__} is not a reward-model head; valid kinds: "
+    f"{[k for _, k in _HEAD_KINDS]}."
+  )
 
 
 def make_score_fn(graphdef, rest):
-  """``score(params, tokens, attention_mask) -> [B]`` (ensemble: mean)."""
+  """``score(params, tokens, attention_mask) -> [B]`` (see
+  :func:`scalar_score`)."""
 
   def score(params, tokens, attention_mask):
     model = nnx.merge(graphdef, params, rest)
-    return scalar_score(model(tokens, attention_mask=attention_mask))
+    out = model(tokens, attention_mask=attention_mask)
+    return scalar_score(out, head_kind(model))
 
   return score
 
 
-def scalar_score(out):
-  """One score per sequence from any reward head's output."""
+def scalar_score(out, kind: str):
+  """One score per sequence ``[B]`` from a reward head's output.
+
+  Args:
+    out: the output of a model of ``kind``.
+    kind: its :func:`head_kind` (the decision is made by kind, not rank).
+
+  Returns:
+    ``[B]``: the reward; the mean of a Gaussian head; the scalarised score
+    of a multi-objective head; the member mean of a scalar ensemble; BRME's
+    nominal reward (the most confident member's mean) of a Gaussian
+    ensemble.
+
+  Raises:
+    ValueError: for heads without a per-sequence score (GPM embeddings,
+      value models).
+  """
+  if kind in ("preference_embedding", "value"):
+    raise ValueError(
+      f"a {kind!r} head has no scalar score per sequence (GPM compares "
+      "pairs of embeddings; a value model scores tokens)."
+    )
   if isinstance(out, models.GaussianReward):
+    if kind in _ENSEMBLES:  # [M, B] members
+      return losses.brme_nominal_reward(out.mean, out.log_variance)
     return out.mean
   if isinstance(out, models.MultiObjective):
     return out.score
-  if out.ndim == 2:  # ensemble [M, B]
+  if kind in _ENSEMBLES:  # [M, B]
     return jnp.mean(out, axis=0)
   return out
+
+
+def column_arrays(batch) -> dict:
+  """Objective inputs from a ``PreferenceBatch``'s optional data columns.
+
+  ``margin`` (the column); ``chosen_targets`` / ``rejected_targets`` (the
+  ``chosen_score`` / ``rejected_score`` columns); ``magnitude`` =
+  ``|margin|``, else ``|chosen_score - rejected_score|``; ``ties`` where
+  that strength (signed) is exactly 0. Absent columns give no entry.
+  """
+  out = {}
+  margin = batch.margin
+  chosen = getattr(batch, "chosen_score", None)
+  rejected = getattr(batch, "rejected_score", None)
+  if margin is not None:
+    out["margin"] = margin
+  gap = None
+  if chosen is not None and rejected is not None:
+    out["chosen_targets"] = chosen
+    out["rejected_targets"] = rejected
+    gap = chosen - rejected
+  strength = margin if margin is not None else gap
+  if strength is not None:
+    out["magnitude"] = jnp.abs(strength)
+    out["ties"] = strength == 0
+  return out
+
+
+def step_arrays(batch, *, self_confidence: float = 1.0) -> dict:
+  """Objective inputs from a ``StepBatch`` (all but ``step_logits``).
+
+  ``step_labels`` (bool, > 0.5) for ``prm_hard``; ``step_targets`` (the
+  labels in [0, 1]) for ``prm_soft``; for SCAN's ``prm_scan``:
+  ``step_mc_scores`` (the labels: Monte-Carlo success rates),
+  ``outcome_correct`` (the last real step's label > 0.5: no rollout
+  continues past the final step, so its MC score is the solution's own
+  outcome) and ``self_confidence`` (the given value for every row).
+  """
+  labels = jnp.asarray(batch.step_labels, jnp.float32)
+  mask = jnp.asarray(batch.step_mask)
+  last = jnp.argmax(jnp.cumsum(mask, axis=1), axis=1)
+  outcome = jnp.take_along_axis(labels, last[:, None], axis=1)[:, 0] > 0.5
+  return {
+    "step_labels": labels > 0.5,
+    "step_targets": labels,
+    "step_mask": mask,
+    "step_mc_scores": labels,
+    "outcome_correct": outcome,
+    "self_confidence": jnp.full(labels.shape[:1], self_confidence),
+  }
 
 
 def make_loss_fn(graphdef, rest, config):
   fn, hyper = loss_spec(config)
   name = config.loss.name
   dkind = data_kind(config)
-  mkind, _ = model_kind(config)
-  noise_samples = int(config.get("reward_model", {}).get("noise_samples", 1))
+  mkind, mkwargs = model_kind(config)
+  gaussian = _is_gaussian(mkind, mkwargs)
+  rm_cfg = config.get("reward_model", {})
+  noise_samples = int(rm_cfg.get("noise_samples", 1))
+  self_confidence = float(rm_cfg.get("self_confidence", 1.0))
 
   def pairwise(params, frozen, batch, rng):
     del frozen
     model = nnx.merge(graphdef, params, rest)
-    # By kind, not by ndim: GPM embeddings are [2B, D], ensembles [M, 2B].
-    c, r = _pair_forward(model, batch, member_axis=mkind.startswith(
-        "ensemble_"))
-    avail = {}
-    if batch.margin is not None:
-      avail["margin"] = batch.margin
-      avail["magnitude"] = batch.margin
-    if mkind == "gaussian_reward":
-      avail.update(chosen_rewards=c.mean, rejected_rewards=r.mean,
-                   chosen_log_vars=c.log_variance,
-                   rejected_log_vars=r.log_variance)
-      k1, k2 = jax.random.split(rng)
-      # [N, B] standard-normal draws (gaussian_bt_sampled).
-      noise_shape = (noise_samples,) + c.mean.shape
-      avail["chosen_noise"] = jax.random.normal(k1, noise_shape)
-      avail["rejected_noise"] = jax.random.normal(k2, noise_shape)
-      chosen_score, rejected_score = c.mean, r.mean
+    c, r = _pair_forward(model, batch)
+    avail = column_arrays(batch)
+    if gaussian:
+      avail.update(
+        chosen_rewards=c.mean,
+        rejected_rewards=r.mean,
+        chosen_log_vars=c.log_variance,
+        rejected_log_vars=r.log_variance,
+      )
+      if mkind == "gaussian_reward":
+        k1, k2 = jax.random.split(rng)
+        # [N, B] standard-normal draws (gaussian_bt_sampled).
+        noise_shape = (noise_samples,) + c.mean.shape
+        avail["chosen_noise"] = jax.random.normal(k1, noise_shape)
+        avail["rejected_noise"] = jax.random.normal(k2, noise_shape)
+      chosen_score = scalar_score(c, mkind)
+      rejected_score = scalar_score(r, mkind)
     elif mkind == "multi_objective_reward":
       direction = jnp.asarray(config.reward_model.direction, jnp.float32)
-      avail.update(chosen_rewards=c.rewards, rejected_rewards=r.rewards,
-                   direction=direction)
-      chosen_score, rejected_score = c.rewards @ direction, r.rewards @ \
-          direction
+      avail.update(
+        chosen_rewards=c.rewards,
+        rejected_rewards=r.rewards,
+        direction=direction,
+      )
+      chosen_score = c.rewards @ direction
+      rejected_score = r.rewards @ direction
     elif mkind == "preference_embedding":
       avail.update(chosen_embeddings=c, rejected_embeddings=r)
       chosen_score = _gpm_score(c, r)
       rejected_score = -chosen_score
-    elif c.ndim == 2:  # ensemble [M, B]: each member gets the objective
-      avail_m = dict(avail, ensemble_chosen_rewards=jax.lax.stop_gradient(c),
-                     ensemble_rejected_rewards=jax.lax.stop_gradient(r))
+    elif mkind in _ENSEMBLES:  # [M, B]: each member gets the objective
+      avail_m = dict(
+        avail,
+        ensemble_chosen_rewards=jax.lax.stop_gradient(c),
+        ensemble_rejected_rewards=jax.lax.stop_gradient(r),
+      )
 
       def member(cm, rm):
         a = dict(avail_m, chosen_rewards=cm, rejected_rewards=rm)
@@ -176,13 +460,20 @@ def make_loss_fn(graphdef, rest, config):
     del frozen, rng
     model = nnx.merge(graphdef, params, rest)
     b, k, length = batch.tokens.shape
-    scores = model(batch.tokens.reshape(b * k, length),
-                   attention_mask=batch.attention_mask.reshape(b * k, length))
+    scores = model(
+      batch.tokens.reshape(b * k, length),
+      attention_mask=batch.attention_mask.reshape(b * k, length),
+    )
     scores = scores.reshape(b, k)
-    ranking = jnp.argsort(-jnp.where(batch.list_mask, batch.scores, -jnp.inf),
-                          axis=-1)
-    loss, _ = _lm.call_by_name(fn, {"rewards": scores, "ranking": ranking,
-                                    "mask": batch.list_mask}, hyper, name)
+    ranking = jnp.argsort(
+      -jnp.where(batch.list_mask, batch.scores, -jnp.inf), axis=-1
+    )
+    loss, _ = _lm.call_by_name(
+      fn,
+      {"rewards": scores, "ranking": ranking, "mask": batch.list_mask},
+      hyper,
+      name,
+    )
     wm = ops.aggregate_sequence_loss(loss, batch.example_mask)
     return wm, {"rm_loss": wm.value()}
 
@@ -191,19 +482,23 @@ def make_loss_fn(graphdef, rest, config):
     model = nnx.merge(graphdef, params, rest)
     values = model(batch.tokens, attention_mask=batch.attention_mask)
     logits = jnp.take_along_axis(values, batch.step_positions, axis=1)
-    labels = jnp.asarray(batch.step_labels, jnp.float32)
-    # prm_hard takes bool labels, prm_soft float targets in [0, 1].
-    avail = {"step_logits": logits, "step_labels": labels > 0.5,
-             "step_targets": labels, "step_mask": batch.step_mask}
-    loss, _ = _lm.call_by_name(fn, avail, hyper, name)
+    avail = step_arrays(batch, self_confidence=self_confidence)
+    avail["step_logits"] = logits
+    labels, mask = avail["step_targets"], avail["step_mask"]
+    loss, aux = _lm.call_by_name(fn, avail, hyper, name)
+    # The steps the loss trained on (SCAN drops some).
+    used = jnp.logical_and(
+      getattr(aux, "step_mask", mask), batch.example_mask[:, None]
+    )
     if loss.ndim == 2:  # per step
-      wm = ops.aggregate_token_loss(loss, jnp.logical_and(
-          batch.step_mask, batch.example_mask[:, None]), mode="token_mean")
+      wm = ops.aggregate_token_loss(loss, used, mode="token_mean")
     else:
       wm = ops.aggregate_sequence_loss(loss, batch.example_mask)
     correct = (logits > 0) == (labels > 0.5)
-    acc = ops.masked_mean(correct.astype(jnp.float32), jnp.logical_and(
-        batch.step_mask, batch.example_mask[:, None]))
+    acc = ops.masked_mean(
+      correct.astype(jnp.float32),
+      jnp.logical_and(mask, batch.example_mask[:, None]),
+    )
     return wm, {"rm_loss": wm.value(), "step_accuracy": acc}
 
   return {"preference": pairwise, "ranked": ranked, "step": step}[dkind]
@@ -219,13 +514,24 @@ def _gpm_score(vc, vr):
 def _pair_metrics(wm, chosen_score, rejected_score, batch):
   m = batch.example_mask
   return {
-      "rm_loss": wm.value(),
-      "accuracy": _lm.masked_batch_mean(
-          (chosen_score > rejected_score).astype(jnp.float32), m),
-      "margin": _lm.masked_batch_mean(chosen_score - rejected_score, m),
-      "mean_reward": _lm.masked_batch_mean(
-          0.5 * (chosen_score + rejected_score), m),
+    "rm_loss": wm.value(),
+    "accuracy": _lm.masked_batch_mean(
+      (chosen_score > rejected_score).astype(jnp.float32), m
+    ),
+    "margin": _lm.masked_batch_mean(chosen_score - rejected_score, m),
+    "mean_reward": _lm.masked_batch_mean(
+      0.5 * (chosen_score + rejected_score), m
+    ),
   }
+
+
+def data_columns(batches) -> tuple[str, ...]:
+  """The :data:`DATA_COLUMNS` a data iterator's batches carry."""
+  have = {
+    "margin": getattr(batches, "has_margin", False),
+    "scores": getattr(batches, "has_scores", False),
+  }
+  return tuple(c for c in DATA_COLUMNS if have[c])
 
 
 def evaluate_pairs(score_fn, params, batches, mesh_run, *, max_batches=None):
@@ -237,10 +543,12 @@ def evaluate_pairs(score_fn, params, batches, mesh_run, *, max_batches=None):
       break
     batch = _data.device_batch(host, mesh_run)
     keep = np.asarray(host.example_mask, bool)
-    c = np.asarray(jitted(params, batch.chosen_tokens,
-                          batch.chosen_attention_mask))
-    r = np.asarray(jitted(params, batch.rejected_tokens,
-                          batch.rejected_attention_mask))
+    c = np.asarray(
+      jitted(params, batch.chosen_tokens, batch.chosen_attention_mask)
+    )
+    r = np.asarray(
+      jitted(params, batch.rejected_tokens, batch.rejected_attention_mask)
+    )
     chosen.append(c[keep])
     rejected.append(r[keep])
   if not chosen:
@@ -252,15 +560,16 @@ def calibration_report(chosen, rejected, workdir, name="reward_model"):
   """Accuracy, ECE, Brier and a reliability-diagram PNG; returns the dict."""
   probs, labels = evaluation.preference_calibration_data(chosen, rejected)
   report = {
-      "eval_accuracy": evaluation.pairwise_accuracy(chosen, rejected),
-      "eval_ece": evaluation.expected_calibration_error(probs, labels),
-      "eval_brier": evaluation.brier_score(probs, labels),
-      "eval_pairs": int(len(chosen)),
+    "eval_accuracy": evaluation.pairwise_accuracy(chosen, rejected),
+    "eval_ece": evaluation.expected_calibration_error(probs, labels),
+    "eval_brier": evaluation.brier_score(probs, labels),
+    "eval_pairs": int(len(chosen)),
   }
   if jax.process_index() == 0 and len(chosen):
     diagram = evaluation.reliability_diagram_data(probs, labels)
     evaluation.plot_reliability_diagram(
-        diagram, str(workdir / f"reliability_{name}.png"))
+      diagram, str(workdir / f"reliability_{name}.png")
+    )
     (workdir / f"eval_{name}.json").write_text(json.dumps(report, indent=2))
   return report
 
@@ -273,20 +582,26 @@ def with_backbone(params, backbone_params):
   freshly initialised.
   """
   if "transformer" not in backbone_params or "transformer" not in params:
-    raise ValueError("backbone initialisation needs a 'transformer' subtree "
-                     "in both the reward model and the source params.")
+    raise ValueError(
+      "backbone initialisation needs a 'transformer' subtree "
+      "in both the reward model and the source params."
+    )
   src = jax.tree.map(lambda x: x.shape, backbone_params["transformer"])
   dst = jax.tree.map(lambda x: x.shape, params["transformer"])
   if src != dst:
-    raise ValueError("backbone params do not match the reward model's "
-                     "transformer (different config.model?).")
+    raise ValueError(
+      "backbone params do not match the reward model's "
+      "transformer (different config.model?)."
+    )
   out = jax.tree.map(lambda x: x, params)
   out["transformer"] = backbone_params["transformer"]
   return out
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *,
-        backbone_params=None):
+@_setup.in_mesh_context
+def run(
+  config: ml_collections.ConfigDict, workdir: str, *, backbone_params=None
+):
   """Trains and evaluates a reward model; returns ``(state, run, report)``.
 
   ``backbone_params``: optional causal-LM params (e.g. the SFT policy) whose
@@ -295,40 +610,67 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   loss_spec(config)
   tokenizer = _data.tokenizer_of(config)
   kind, kwargs = model_kind(config)
+  # The data first: the objective's inputs may need its optional columns,
+  # and a missing one must fail before the model is built.
+  batches = _data.iterator(config, data_kind(config), tokenizer)
+  check_inputs(config, data_columns(batches))
   init = None
   if backbone_params is not None:
     init = lambda sharded: with_backbone(sharded.params, backbone_params)  # noqa: E731
-  run_ = _setup.setup_run(config, workdir, kind=kind,
-                          total_steps=config.total_steps, model_kwargs=kwargs,
-                          init_params=init)
-  batches = _data.iterator(config, data_kind(config), tokenizer, run_)
+  run_ = _setup.setup_run(
+    config,
+    workdir,
+    kind=kind,
+    total_steps=config.total_steps,
+    model_kwargs=kwargs,
+    init_params=init,
+  )
+  if run_.data_state:
+    batches.set_state(run_.data_state)
   loss_fn = make_loss_fn(run_.model.graphdef, run_.model.rest, config)
-  step = common.make_train_step(loss_fn, run_.tx,
-                                num_microbatches=config.get("microbatches", 1))
-  jitted = jax.jit(step, out_shardings=(run_.state_shardings, None),
-                   donate_argnums=(0,))
+  step = common.make_train_step(
+    loss_fn, run_.tx, num_microbatches=config.get("microbatches", 1)
+  )
+  jitted = jax.jit(
+    step, out_shardings=(run_.state_shardings, None), donate_argnums=(0,)
+  )
   state, history = common.train_loop(
-      step_fn=jitted, state=run_.state, frozen=None,
-      batches=_data.device_batches(batches, run_),
-      total_steps=config.total_steps, workdir=run_.workdir,
-      checkpointer=run_.checkpointer, name="reward_model",
-      log_every=config.get("log_every", 1), data_state_fn=batches.get_state,
-      progress=config.get("progress", True),
-      console_keys=("loss", "accuracy"))
+    step_fn=jitted,
+    state=run_.state,
+    frozen=None,
+    batches=_data.device_batches(batches, run_),
+    total_steps=config.total_steps,
+    workdir=run_.workdir,
+    checkpointer=run_.checkpointer,
+    name="reward_model",
+    log_every=config.get("log_every", 1),
+    data_state_fn=batches.get_state,
+    progress=config.get("progress", True),
+    console_keys=("loss", "accuracy"),
+  )
   report = {}
   eval_cfg = config.get("eval_data", None)
-  if eval_cfg is not None and data_kind(config) == "preference" and \
-      kind not in ("multi_objective_reward", "preference_embedding"):
-    eval_it = _data.iterator(config, "preference", tokenizer,
-                             data_config=eval_cfg,
-                             batch_size=config.get("eval_batch_size",
-                                                   config.batch_size))
+  if (
+    eval_cfg is not None
+    and data_kind(config) == "preference"
+    and kind not in ("multi_objective_reward", "preference_embedding")
+  ):
+    eval_it = _data.iterator(
+      config,
+      "preference",
+      tokenizer,
+      data_config=eval_cfg,
+      batch_size=config.get("eval_batch_size", config.batch_size),
+    )
     score_fn = make_score_fn(run_.model.graphdef, run_.model.rest)
-    chosen, rejected = evaluate_pairs(score_fn, state["params"], eval_it,
-                                      run_, max_batches=config.get(
-                                          "eval_batches", None))
+    chosen, rejected = evaluate_pairs(
+      score_fn,
+      state["params"],
+      eval_it,
+      run_,
+      max_batches=config.get("eval_batches", None),
+    )
     report = calibration_report(chosen, rejected, run_.workdir)
   kind_for_export = "reward" if kind == "reward" else kind
-  _setup.finish(run_, state, history, kind=kind_for_export,
-                name="reward_model")
+  _setup.finish(run_, state, history, kind=kind_for_export, name="reward_model")
   return state, run_, report

@@ -265,15 +265,24 @@ class RewardScorer:
     if reward_model is not None:
       graphdef, rest = reward_model
       agg_name = config.reward.get("ensemble_aggregator", "mean")
+      # Outputs are read by the model's kind, never by their rank (a GPM's
+      # [N, D] embeddings are 2-D like an ensemble's [M, N] scores).
+      module = nnx.merge(graphdef, reward_params, rest)
+      if isinstance(module, models.PreferenceEmbeddingModel):
+        raise ValueError("the reward model is a GPM (preference embeddings"
+                         "): it has no scalar reward per sample to score "
+                         "rollouts with.")
+      ensemble = isinstance(module, (models.MultiHeadEnsembleRewardModel,
+                                     models.StackedEnsemble))
 
       def score(params, tokens, attention_mask):
         model = nnx.merge(graphdef, params, rest)
         out = model(tokens, attention_mask=attention_mask)
         if isinstance(out, models.GaussianReward):
-          return out.mean
-        if isinstance(out, models.MultiObjective):
+          out = out.mean  # [M, N] for stacked Gaussian members
+        elif isinstance(out, models.MultiObjective):
           return out.score
-        if out.ndim == 2:  # [M, N] ensemble
+        if ensemble:  # [M, N]
           agg = rewards.ENSEMBLE_AGGREGATORS[agg_name]
           kw = dict(config.reward.get("ensemble_kwargs", {}))
           return agg(out, **kw)

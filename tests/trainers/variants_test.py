@@ -49,7 +49,6 @@ REWARD_MODEL_UNSUPPORTED = {  # with a plain (non-ensemble) reward model
   "bt_ties_davidson": ["ties"],
   "bt_ties_rao_kupper": ["ties"],
   "multi_objective_regression": ["rewards", "targets"],
-  "prm_scan": ["step_mc_scores", "self_confidence", "outcome_correct"],
 }
 ADVANTAGE_UNSUPPORTED = {  # estimator -> regex of rl._check's error
   "arena_rank": re.escape("'arena_rank' needs ['preferences']"),
@@ -66,9 +65,6 @@ ADVANTAGE_UNSUPPORTED = {  # estimator -> regex of rl._check's error
 }
 # Losses that take one advantage per sequence ([B] only).
 SEQUENCE_ADVANTAGE_LOSSES = ("empg", "gmpo")
-# Known trainer bug (reported): BRME needs [M, B] Gaussian heads, but the
-# trainer builds a single-head GaussianRewardModel for it.
-KNOWN_BROKEN_REWARD_MODEL = {"brme": r"brme_loss(.|\n)*'M B'"}
 
 
 def _named(names):
@@ -286,29 +282,29 @@ class RewardModelVariantsTest(parameterized.TestCase):
   @parameterized.named_parameters(*_named(sorted(losses.REWARD_MODEL_LOSSES)))
   def test_trainer_traces_or_names_missing_arrays(self, name):
     config = _cfg("reward_model", f"loss={name},runlocal")
-    rm.loss_spec(config)
     margin = name == "scaled_bt"  # needs the data's margin column
-    if name in KNOWN_BROKEN_REWARD_MODEL:
-      with self.assertRaisesRegex(TypeError, KNOWN_BROKEN_REWARD_MODEL[name]):
-        self._trace(config, margin=margin)
-      return
     if name in REWARD_MODEL_UNSUPPORTED:
+      # At start (rm.loss_spec: no data can feed it) or, for a missing data
+      # column, when the objective is called.
       missing = REWARD_MODEL_UNSUPPORTED[name]
       with self.assertRaisesRegex(
         ValueError,
-        re.escape(f"{name} needs arrays {missing!r}, which this trainer"),
+        re.escape(name) + "'? needs arrays " + re.escape(repr(missing)),
       ):
+        rm.loss_spec(config)
         self._trace(config, margin=margin)
       return
+    rm.loss_spec(config)
     kind, dkind, metrics = self._trace(config, margin=margin)
     expected_kind = {
       "gaussian_bt": "gaussian_reward",
       "gaussian_bt_sampled": "gaussian_reward",
-      "brme": "gaussian_reward",
+      "brme": "ensemble_stacked",
       "multi_objective": "multi_objective_reward",
       "gpm": "preference_embedding",
       "prm_hard": "value",
       "prm_soft": "value",
+      "prm_scan": "value",
     }.get(name, "reward")
     self.assertEqual(kind, expected_kind)
     self.assertIn("rm_loss", metrics)
