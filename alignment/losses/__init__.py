@@ -35,8 +35,12 @@ def _merge(*registries):
   return merged
 
 
-PREFERENCE_LOSSES = _merge(_preference.REGISTRY, _reference_free.REGISTRY,
-                           _regularized.REGISTRY, _token_level.REGISTRY)
+PREFERENCE_LOSSES = _merge(
+  _preference.REGISTRY,
+  _reference_free.REGISTRY,
+  _regularized.REGISTRY,
+  _token_level.REGISTRY,
+)
 """Offline preference objectives (``configs/preference.py``)."""
 
 REWARD_MODEL_LOSSES = dict(_reward_model.REGISTRY)
@@ -45,6 +49,7 @@ REWARD_MODEL_LOSSES = dict(_reward_model.REGISTRY)
 POLICY_LOSSES = dict(_policy_gradient.REGISTRY)
 """Per-token policy-gradient objectives (``configs/rl.py``)."""
 
-REGISTRY = _merge(PREFERENCE_LOSSES, REWARD_MODEL_LOSSES, POLICY_LOSSES,
-                  _off_policy.REGISTRY)
+REGISTRY = _merge(
+  PREFERENCE_LOSSES, REWARD_MODEL_LOSSES, POLICY_LOSSES, _off_policy.REGISTRY
+)
 """Every objective by its config name."""

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jaxtyping import Bool, Float, Real
 
 from alignment.array_types import In, Out, typechecked
+from alignment.losses._checks import f32 as _f32
 from alignment.ops import KL_ESTIMATORS, kl_estimate, safe_divide
 
 __all__ = [
@@ -54,10 +55,6 @@ __all__ = [
 IS_LEVELS = ("token", "sequence", "geometric")
 """Levels at which importance ratios are formed (see
 :func:`truncated_importance_weights`)."""
-
-
-def _f32(x):
-  return jnp.asarray(x, jnp.float32)
 
 
 def _check_estimator(fn_name, estimator):

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 from jaxtyping import Bool, Float, Int
 
 from alignment.array_types import In, Out, typechecked
+from alignment.losses._checks import f32 as _f32
 from alignment.ops import _kl, _masked
 
 __all__ = [
@@ -84,10 +85,6 @@ __all__ = [
 
 AxisName = _masked.AxisName
 _sg = jax.lax.stop_gradient
-
-
-def _f32(x):
-  return jnp.asarray(x, jnp.float32)
 
 
 # ---------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jaxtyping import Bool, Float, Real
 
 from alignment.array_types import In, Out, typechecked
+from alignment.losses._checks import f32 as _f32
 from alignment.ops import safe_divide
 
 __all__ = [
@@ -100,10 +101,6 @@ class WpoAux(NamedTuple):
 
 # --------------------------------------------------------------------------
 # Shared pieces.
-
-
-def _f32(x):
-  return jnp.asarray(x, jnp.float32)
 
 
 def _log_ratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected):

@@ -18,6 +18,15 @@ import numpy as np
 from jaxtyping import Bool, Float, Real
 
 from alignment.array_types import In, Out, typechecked
+from alignment.losses._checks import (
+  check_nonnegative as _check_nonnegative,
+)
+from alignment.losses._checks import (
+  check_positive as _check_positive,
+)
+from alignment.losses._checks import (
+  f32 as _f32,
+)
 from alignment.ops import safe_divide
 
 __all__ = [
@@ -40,20 +49,6 @@ Scalar = Float[In, ""] | float | np.floating
 """A float scalar: 0-d array, Python float or NumPy scalar."""
 
 _SG = jax.lax.stop_gradient
-
-
-def _f32(x):
-  return jnp.asarray(x, jnp.float32)
-
-
-def _check_positive(name: str, value: float, fn: str) -> None:
-  if not value > 0:
-    raise ValueError(f"{fn}: {name} must be > 0, got {value}.")
-
-
-def _check_nonnegative(name: str, value: float, fn: str) -> None:
-  if not value >= 0:
-    raise ValueError(f"{fn}: {name} must be >= 0, got {value}.")
 
 
 def _check_smoothing(value: float, fn: str) -> None:

@@ -45,6 +45,7 @@ from jax.scipy import special as jsp_special
 from jaxtyping import Bool, Float, Int
 
 from alignment.array_types import In, Out, typechecked
+from alignment.losses._checks import f32 as _f32
 from alignment.ops import safe_divide
 
 __all__ = [
@@ -80,10 +81,6 @@ __all__ = [
 ]
 
 _MASKED_LOGIT = -1e30  # finite stand-in for -inf inside log-sum-exps
-
-
-def _f32(x):
-  return jnp.asarray(x, jnp.float32)
 
 
 def _sg32(x):

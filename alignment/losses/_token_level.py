@@ -15,6 +15,15 @@ import jax.numpy as jnp
 from jaxtyping import Bool, Float
 
 from alignment.array_types import In, Out, typechecked
+from alignment.losses._checks import (
+  check_nonnegative as _check_nonnegative,
+)
+from alignment.losses._checks import (
+  check_positive as _check_positive,
+)
+from alignment.losses._checks import (
+  f32 as _f32,
+)
 
 __all__ = [
   "TokenPairAux",
@@ -28,20 +37,6 @@ __all__ = [
 ]
 
 _SG = jax.lax.stop_gradient
-
-
-def _f32(x):
-  return jnp.asarray(x, jnp.float32)
-
-
-def _check_positive(name: str, value: float, fn: str) -> None:
-  if not value > 0:
-    raise ValueError(f"{fn}: {name} must be > 0, got {value}.")
-
-
-def _check_nonnegative(name: str, value: float, fn: str) -> None:
-  if not value >= 0:
-    raise ValueError(f"{fn}: {name} must be >= 0, got {value}.")
 
 
 def _masked(x, mask):
