@@ -9,7 +9,11 @@ one subprocess per JAX process, through the real ``jax.distributed`` path:
 
 Each process loads only its own rows of the batch
 (``sharding.process_batch_slice``) and feeds them through
-``sharding.shard_batch``.
+``sharding.shard_batch``. With ``--ckpt_dir`` the workers then save the
+first trainer's state with ``trainers.common.Checkpointer`` (orbax; each
+process writes its own shards) and restore it straight into another layout
+(parameters over an fsdp=8 mesh): orbax reads, per process, only the slices
+of the target shardings' addressable shards.
 """
 
 import argparse
@@ -37,11 +41,13 @@ def run(
   *,
   steps: int = STEPS,
   n_layers: int | None = None,
+  ckpt_dir: str | None = None,
 ) -> dict:
   """``{trainer: (losses [steps], {param path: final value})}``.
 
   Models are born sharded (``common.create_sharded_model``) once per model
-  kind; each trainer starts from a copy.
+  kind; each trainer starts from a copy. With ``ckpt_dir``, also
+  ``{"checkpoint": {...}}`` from :func:`_checkpoint_round_trip`.
   """
   import jax
   import numpy as np
@@ -120,6 +126,10 @@ def run(
         state, metrics = step(state, frozen, batch)
         losses.append(metrics["loss"])
     losses = np.asarray([float(x) for x in losses])
+    if ckpt_dir is not None and trainer == trainers[0]:
+      out["checkpoint"] = _checkpoint_round_trip(
+        os.path.join(ckpt_dir, trainer), state, state_shardings, devices
+      )
     flat = jax.tree_util.tree_flatten_with_path(state["params"])[0]
     values = multihost_utils.process_allgather([v for _, v in flat], tiled=True)
     out[trainer] = (
@@ -132,6 +142,66 @@ def run(
   return out
 
 
+def _checkpoint_round_trip(directory, state, shardings, devices) -> dict:
+  """Saves ``state``; restores it with its parameters laid out over fsdp=8.
+
+  Returns ``{"max_abs_diff", "layout_ok", "local_shards"}``: the largest
+  difference of any restored leaf from the saved one, whether every
+  restored array has exactly its target sharding, and the number of shards
+  of each parameter this process holds (its own devices only).
+  """
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  from alignment import config_lib, sharding
+  from alignment.trainers import common
+
+  ckpt = common.Checkpointer(directory, async_save=False)
+  ckpt.save(STEPS, state, {"step": STEPS}, force=True, wait=True)
+  fsdp8 = sharding.make_mesh((("data", 1), ("fsdp", 8), ("tensor", 1)), devices)
+  target = dict(
+    shardings,
+    params=sharding.state_shardings(
+      state["params"], fsdp8, config_lib.DEFAULT_RULES
+    ),
+  )
+  abstract = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    state,
+    target,
+  )
+  restored, extra = ckpt.restore(abstract)
+  ckpt.close()
+  assert extra["step"] == STEPS, extra
+  layout_ok = all(
+    r.sharding == t.sharding
+    for r, t in zip(
+      jax.tree.leaves(restored), jax.tree.leaves(abstract), strict=True
+    )
+  )
+  params = jax.tree.leaves(restored["params"])
+  local_shards = {len(x.addressable_shards) for x in params}
+  pairs = [
+    (a, b)
+    for a, b in zip(
+      jax.tree.leaves(restored), jax.tree.leaves(state), strict=True
+    )
+    if not jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
+  ]
+  a = multihost_utils.process_allgather([x for x, _ in pairs], tiled=True)
+  b = multihost_utils.process_allgather([y for _, y in pairs], tiled=True)
+  diff = max(
+    float(np.max(np.abs(np.asarray(x) - np.asarray(y)), initial=0.0))
+    for x, y in zip(a, b, strict=True)
+  )
+  return {
+    "max_abs_diff": diff,
+    "layout_ok": layout_ok,
+    "local_shards": sorted(local_shards),
+  }
+
+
 def _save(path: str, result: dict) -> None:
   import numpy as np
 
@@ -141,6 +211,8 @@ def _save(path: str, result: dict) -> None:
 
 
 def _flatten(prefix: str, results: dict, out: dict) -> None:
+  for key, value in results.pop("checkpoint", {}).items():
+    out[f"{prefix}checkpoint/{key}"] = value
   for trainer, (losses, params) in results.items():
     out[f"{prefix}{trainer}/losses"] = losses
     for k, v in params.items():
@@ -154,6 +226,7 @@ def main(argv=None) -> int:
   parser.add_argument("--num_processes", type=int, default=1)
   parser.add_argument("--port", type=int, default=0)
   parser.add_argument("--out", required=True)
+  parser.add_argument("--ckpt_dir", default=None)
   args = parser.parse_args(argv)
   import jax
 
@@ -176,7 +249,7 @@ def main(argv=None) -> int:
   result["process_count"] = jax.process_count()
   result["device_count"] = jax.device_count()
   result["local_device_count"] = jax.local_device_count()
-  _flatten("", run(TRAINERS, MESH), result)
+  _flatten("", run(TRAINERS, MESH, ckpt_dir=args.ckpt_dir), result)
   if jax.process_index() == 0:
     _save(args.out, result)
   jax.distributed.shutdown()

@@ -6,8 +6,10 @@ one 8-device mesh through the real multi-controller path
 gloo CPU collectives), each loading only its own half of the batch, plus one
 reference subprocess (one process, the same mesh on 8 devices, and 1
 device). Three steps of the DPO, reward-model (Bradley–Terry) and GRPO steps
-must give the same losses and parameters to 1e-5. No network beyond
-127.0.0.1.
+must give the same losses and parameters to 1e-5. The workers then save
+the DPO state with the trainers' orbax ``Checkpointer`` and restore it
+straight into another sharded layout (each process holding only its own
+shards). No network beyond 127.0.0.1.
 """
 
 import os
@@ -90,6 +92,7 @@ class MultiProcessTest(absltest.TestCase):
               "--num_processes=2",
               f"--port={port}",
               f"--out={dist_out}",
+              f"--ckpt_dir={os.path.join(tmp, 'ckpt')}",
             ],
             4,
             logs[i],
@@ -109,6 +112,11 @@ class MultiProcessTest(absltest.TestCase):
     self.assertEqual(int(dist["process_count"]), 2)
     self.assertEqual(int(dist["device_count"]), 8)
     self.assertEqual(int(dist["local_device_count"]), 4)
+    # Checkpoint restored into an fsdp=8 layout: exact values, the target
+    # shardings, and 4 shards (this process's devices) per parameter.
+    self.assertTrue(bool(dist["checkpoint/layout_ok"]))
+    self.assertEqual(float(dist["checkpoint/max_abs_diff"]), 0.0)
+    self.assertEqual(dist["checkpoint/local_shards"].tolist(), [4])
     for trainer in _train_steps.TRAINERS:
       keys = [k for k in dist if k.startswith(f"{trainer}/")]
       self.assertGreater(len(keys), 5, trainer)
