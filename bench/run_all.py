@@ -86,6 +86,7 @@ TASK_TITLE = {
   "dpo": "DPO train step",
   "rm": "reward-model train step",
   "grpo": "GRPO iteration (sampling + update)",
+  "dpo_long": "DPO train step, long pairs (peak memory)",
 }
 
 # Shapes per preset: small enough for 2 shared CPU cores, the same on
@@ -99,6 +100,9 @@ SHAPES = {
   "small": {
     "pairs": dict(batch=2, prompt_len=64, completion_len=63),
     "grpo": dict(batch=2, num_generations=4, prompt_len=32, completion_len=32),
+    # Where the [B, L, V] logits dominate a DPO step's memory (V = 32000):
+    # the regime of the memory target.
+    "pairs_long": dict(batch=2, prompt_len=64, completion_len=959),
     "steps": 2,
   },
 }
@@ -363,9 +367,12 @@ def model_spec(preset):
 def make_spec(task, preset, args, side):
   shapes = SHAPES[preset]
   spec = dict(COMMON, task=task, preset=preset, model=model_spec(preset))
-  spec.update(shapes["grpo"] if task == "grpo" else shapes["pairs"])
+  if task == "dpo_long":  # the workers run it as a DPO step
+    spec.update(task="dpo", **shapes["pairs_long"])
+  else:
+    spec.update(shapes["grpo"] if task == "grpo" else shapes["pairs"])
   spec["steps"] = args.steps or shapes["steps"]
-  if task == "dpo":
+  if task in ("dpo", "dpo_long"):
     spec["beta"] = 0.1
   if task == "grpo":
     spec["beta"] = 0.04
@@ -457,7 +464,9 @@ def main():
     help="tiny preset, 2 rounds, no settings probe",
   )
   parser.add_argument("--presets", default="tiny,small")
-  parser.add_argument("--only", default="dpo,rm,grpo,logprobs,sampling,data")
+  parser.add_argument(
+    "--only", default="dpo,rm,grpo,dpo_long,logprobs,sampling,data"
+  )
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument(
     "--steps",
@@ -579,8 +588,10 @@ def main():
     return env_of
 
   for preset in args.presets.split(","):
-    for task in ("dpo", "rm", "grpo"):
+    for task in ("dpo", "rm", "grpo", "dpo_long"):
       if task not in only:
+        continue
+      if task == "dpo_long" and "pairs_long" not in SHAPES[preset]:
         continue
       sides = ["ours", "trl"]
       if not args.no_trl_defaults:
@@ -666,7 +677,7 @@ def render_only(out_dir):
   names = run.get("benchmarks") or [
     f"{kind}_{preset}"
     for preset in ("tiny", "small")
-    for kind in ("settings_dpo", "dpo", "rm", "grpo")
+    for kind in ("settings_dpo", "dpo", "rm", "grpo", "dpo_long")
   ] + ["logprobs", "sampling", "data"]
   results = {}
   for name in names:
@@ -802,10 +813,13 @@ def targets_lines(results):
           f"speed: {met} ({r['speedup']:.2f}x wall, "
           f"{r['cpu_speedup']:.2f}x CPU)"
         )
-  for preset in ("tiny", "small"):
-    res = results.get(f"dpo_{preset}")
+  for key in ("dpo_tiny", "dpo_small", "dpo_long_small"):
+    res = results.get(key)
     if not res or res["spec"]["model"]["vocab_size"] < 32000:
       continue
+    preset = res["preset"]
+    spec = res["spec"]
+    length = spec["prompt_len"] + spec["completion_len"] + 1
     r = res["ratios"].get("trl")
     if r and r["memory_ratio"]:
       met = (
@@ -815,7 +829,7 @@ def targets_lines(results):
       )
       out.append(
         f"- DPO peak memory ≤0.5x TRL at V="
-        f"{res['spec']['model']['vocab_size']} ({preset}): {met} "
+        f"{res['spec']['model']['vocab_size']} ({preset}, L={length}): {met} "
         f"({r['memory_ratio']:.2f}x)"
       )
   return out
