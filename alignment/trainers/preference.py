@@ -179,6 +179,7 @@ def make_loss_fn(graphdef, rest, config, extra_supplied=()):
   return (unpaired if kind == "unpaired" else paired), kind, needs_ref
 
 
+@_setup.in_mesh_context
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         init_params=None, reference_params=None):
   """Trains the configured preference loss; returns ``(state, run)``.

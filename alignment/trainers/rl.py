@@ -336,6 +336,7 @@ def compute_advantages(config, ahyper, seq_rewards, lengths, loss_mask,
   return out.reshape(n), None
 
 
+@_setup.in_mesh_context
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         init_params=None, reference_params=None, reward_params=None,
         reward_model=None):
