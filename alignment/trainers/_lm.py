@@ -6,10 +6,13 @@ matrix, so the ``[B, L, V]`` logits never exist.
 """
 
 import inspect
+import re
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from alignment import ops
 
@@ -105,3 +108,169 @@ def masked_batch_mean(x, mask):
   x = jnp.asarray(x, jnp.float32)
   return ops.safe_divide(jnp.sum(jnp.where(mask, x, 0.0)),
                          jnp.sum(mask, dtype=jnp.float32))
+
+
+# --------------------------------------------------------------------------
+# One forward, several per-token statistics (WPO, SparsePO, guidance models)
+
+ACTIVATION_SETS = ("modules", "layers")
+"""Which module outputs :func:`completion_forward` captures: ``"modules"``
+(the embedding, every norm / attention / MLP / decoder-layer output and the
+final norm) or ``"layers"`` (the residual stream after each decoder layer)."""
+
+_LAYER_OUTPUT = re.compile(r"\['layers'\]\[\d+\]\['__call__'\]")
+
+
+class CompletionForward(NamedTuple):
+  """What one forward of a causal LM gives the preference trainer.
+
+  Every per-position field is aligned with ``tokens[:, 1:]`` (position ``t``
+  holds what predicts token ``t + 1``).
+  """
+
+  token_logps: jax.Array
+  """float32 ``[B, L-1]`` log-probs of the next tokens (not masked)."""
+  mask: jax.Array
+  """bool ``[B, L-1]``: ``completion_mask[:, 1:] & attention_mask[:, 1:]``."""
+  hidden: jax.Array
+  """Final hidden states ``[B, L-1, D]`` that predict the next tokens."""
+  unembedding: jax.Array
+  """The LM head ``[D, V]``."""
+  activations: tuple = ()
+  """Captured module outputs, each ``[B, L-1, D']`` (empty unless asked)."""
+
+
+def _captured_outputs(intermediates, batch: int, length: int, which: str):
+  """Distinct ``[B, L, D']`` module outputs from ``nnx.capture``."""
+  leaves = jax.tree_util.tree_flatten_with_path(intermediates)[0]
+  out, seen = [], set()
+  for path, leaf in leaves:
+    if getattr(leaf, "ndim", 0) != 3 or leaf.shape[:2] != (batch, length):
+      continue
+    if which == "layers" and not _LAYER_OUTPUT.search(
+      jax.tree_util.keystr(path)
+    ):
+      continue
+    if id(leaf) in seen:  # hidden() and the final norm return one array
+      continue
+    seen.add(id(leaf))
+    out.append(leaf)
+  return tuple(out)
+
+
+def completion_forward(
+  model,
+  tokens,
+  attention_mask,
+  completion_mask,
+  *,
+  chunk_size: int = 2048,
+  capture: str | None = None,
+) -> CompletionForward:
+  """Log-probs, hidden states and (optionally) activations in one forward.
+
+  Like :func:`completion_token_logps` (same fused kernel, same values) but
+  also returns the hidden states and the LM head, from which the caller can
+  compute further per-token statistics of the full next-token distribution
+  (WPO's normalisers, per-token KL) without a second forward. With
+  ``capture``, the outputs of the model's submodules are recorded with
+  ``nnx.capture`` (SparsePO's activation-based masks).
+
+  Args:
+    model: a causal LM with ``hidden(tokens, attention_mask=...)`` and
+      ``unembedding()``.
+    tokens: int32 ``[B, L]``.
+    attention_mask: bool ``[B, L]``.
+    completion_mask: bool ``[B, L]``, True on the tokens to score.
+    chunk_size: token chunk of the fused log-prob kernel.
+    capture: None, or one of :data:`ACTIVATION_SETS`.
+
+  Returns:
+    A :class:`CompletionForward`.
+  """
+  if capture is not None and capture not in ACTIVATION_SETS:
+    raise ValueError(
+      f"capture must be None or one of {ACTIVATION_SETS}, got {capture!r}."
+    )
+  batch, length = tokens.shape
+
+  def forward(m, t):
+    return m.hidden(t, attention_mask=attention_mask)
+
+  activations = ()
+  if capture is None:
+    hidden = forward(model, tokens)
+  else:
+    hidden, intermediates = nnx.capture(
+      forward, nnx.Intermediate, method_outputs=nnx.Intermediate
+    )(model, tokens)
+    activations = tuple(
+      a[:, :-1]
+      for a in _captured_outputs(intermediates, batch, length, capture)
+    )
+  unembedding = model.unembedding()
+  token_logps = ops.fused_token_logps(
+    hidden[:, :-1], unembedding, tokens[:, 1:], chunk_size=chunk_size
+  )
+  mask = jnp.logical_and(completion_mask[:, 1:], attention_mask[:, 1:])
+  return CompletionForward(
+    token_logps, mask, hidden[:, :-1], unembedding, activations
+  )
+
+
+def chunked_token_kl(
+  policy_hidden,
+  policy_unembedding,
+  ref_hidden,
+  ref_unembedding,
+  *,
+  chunk_size: int = 2048,
+):
+  """Per-position ``KL(π_ref(·|s_t) ‖ π(·|s_t))`` without ``[B, T, V]``.
+
+  ``Σ_v q_v (log q_v - log p_v)`` with ``p = softmax(h W)`` (policy) and
+  ``q = softmax(h_ref W_ref)`` (reference, no gradient): the per-token KL of
+  TDPO and SparsePO (``losses.reference_token_kl`` on logits). The ``B·T``
+  rows go through a ``lax.map`` in chunks of ``chunk_size``, each chunk
+  under ``jax.checkpoint``, so forward and backward hold one ``[chunk, V]``
+  tile per model at a time. Gradients flow into the policy's hidden states
+  and unembedding only.
+
+  Args:
+    policy_hidden: ``[B, T, D]`` policy hidden states (aligned with targets).
+    policy_unembedding: policy LM head ``[D, V]``.
+    ref_hidden: ``[B, T, D']`` reference hidden states.
+    ref_unembedding: reference LM head ``[D', V]``.
+    chunk_size: rows per chunk.
+
+  Returns:
+    float32 ``[B, T]``, not masked.
+  """
+  batch, length, width = policy_hidden.shape
+  ref_width = ref_hidden.shape[-1]
+  rows = batch * length
+  chunk = max(1, min(chunk_size, rows))
+  n = -(-rows // chunk)
+  pad = n * chunk - rows
+  h = jnp.pad(policy_hidden.reshape(rows, width), ((0, pad), (0, 0)))
+  hr = jnp.pad(
+    jax.lax.stop_gradient(ref_hidden).reshape(rows, ref_width),
+    ((0, pad), (0, 0)),
+  )
+  wr = jax.lax.stop_gradient(ref_unembedding)
+
+  @jax.checkpoint
+  def one(h_c, hr_c, w):
+    log_p = jax.nn.log_softmax(
+      jnp.dot(h_c, w, preferred_element_type=jnp.float32), axis=-1
+    )
+    log_q = jax.nn.log_softmax(
+      jnp.dot(hr_c, wr, preferred_element_type=jnp.float32), axis=-1
+    )
+    return jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1)
+
+  out = jax.lax.map(
+    lambda xs: one(xs[0], xs[1], policy_unembedding),
+    (h.reshape(n, chunk, width), hr.reshape(n, chunk, ref_width)),
+  )
+  return out.reshape(-1)[:rows].reshape(batch, length)
