@@ -97,8 +97,16 @@ class Run:
 def build_model(
   kind: str, model_block, mesh, rules, seed: int, **model_kwargs
 ) -> tuple[common.ShardedModel, Any]:
-  """A born-sharded model of ``kind``, from a preset or an HF checkpoint."""
+  """A born-sharded model of ``kind``, from a preset or an HF checkpoint.
+
+  With ``model_block.strict_sharding`` a mesh axis that does not divide the
+  parameter dimension its rule maps it to is an error naming the parameter
+  and the numbers (raised before any parameter is allocated, for presets);
+  by default that axis is left out for that dimension, with a logged
+  warning (e.g. 2 KV heads on tensor=4 stay whole).
+  """
   init_from = model_block.get("init_from", "") or ""
+  strict = bool(model_block.get("strict_sharding", False))
   if init_from:
     cfg, module = models.load_hf_checkpoint(
       init_from,
@@ -109,12 +117,17 @@ def build_model(
       param_dtype=model_block.get("param_dtype", "float32"),
     )
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-    p_shard = sharding_lib.state_shardings(params, mesh, rules)
+    p_shard = sharding_lib.state_shardings(params, mesh, rules, strict=strict)
     r_shard = sharding_lib.state_shardings(rest, mesh, rules)
     params = jax.device_put(params, p_shard)
     rest = jax.device_put(rest, r_shard)
     return common.ShardedModel(graphdef, params, rest, p_shard, r_shard), cfg
   cfg = model_config(model_block)
+  if strict:  # abstract: fails before anything is allocated
+    abstract = nnx.eval_shape(
+      lambda: models.build_model(kind, cfg, rngs=nnx.Rngs(seed), **model_kwargs)
+    )
+    sharding_lib.state_shardings(nnx.state(abstract), mesh, rules, strict=True)
   sharded = common.create_sharded_model(
     lambda rngs: models.build_model(kind, cfg, rngs=rngs, **model_kwargs),
     seed,
@@ -142,13 +155,24 @@ def setup_run(
 
   If ``workdir/checkpoints`` holds a checkpoint, the run resumes from its
   latest step (parameters, optimiser state, step, RNG and data-iterator
-  state); a checkpoint of a different model raises
-  :class:`common.CheckpointMismatchError`.
+  state), restored straight into the run's shardings (orbax reads, on each
+  process, only the slices its devices hold); a checkpoint of a different
+  model raises :class:`common.CheckpointMismatchError`.
+
+  Raises at start, naming the numbers: a mesh that does not match the
+  device count (`sharding.make_mesh`), a ``config.batch_size`` not
+  divisible by the batch shards or by the process count
+  (`sharding.check_batch_size`), and with ``config.model.strict_sharding``
+  a mesh axis that does not divide a parameter dimension.
   """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = mesh_of(config)
   rules = rules_of(config)
+  if "batch_size" in config:  # every trainer shards batches of this size
+    sharding_lib.check_batch_size(
+      int(config.batch_size), mesh, rules, what="config.batch_size"
+    )
   sharded, cfg = build_model(
     kind, config.model, mesh, rules, config.seed, **(model_kwargs or {})
   )

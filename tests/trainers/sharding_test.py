@@ -13,6 +13,7 @@ constraints, and every trainer's ``run`` must enter that context.
 """
 
 import re
+import tempfile
 
 import jax
 import numpy as np
@@ -245,6 +246,31 @@ class ShardedTrainStepTest(parameterized.TestCase):
 
 
 class MeshContextTest(absltest.TestCase):
+  def test_setup_fails_at_start_naming_the_numbers(self):
+    config = _util.load_config("sft", "runlocal")
+    config.checkpoint.enabled = False
+    with tempfile.TemporaryDirectory() as tmp:
+
+      def setup():
+        _setup.setup_run(config, tmp, kind="causal_lm", total_steps=1)
+
+      config.mesh = [["data", 3], ["fsdp", 1], ["tensor", 1]]
+      with self.assertRaisesRegex(ValueError, r"has 3 devices but 8"):
+        setup()
+      config.mesh = [["data", 2], ["fsdp", 2], ["tensor", 2]]
+      config.batch_size = 6
+      with self.assertRaisesRegex(
+        ValueError, r"config.batch_size of 6 rows .* 4 batch shards"
+      ):
+        setup()
+      config.batch_size = 8
+      config.mesh = [["data", 1], ["fsdp", 2], ["tensor", 4]]
+      config.model.strict_sharding = True  # tiny: 2 KV heads
+      with self.assertRaisesRegex(
+        ValueError, r"k_kernel.*dimension 1 has size 2.*'tensor' of size 4"
+      ):
+        setup()
+
   def test_every_trainer_runs_inside_its_mesh_context(self):
     config = _util.load_config("sft", "runlocal")
     config.mesh = [["data", 2], ["fsdp", 2], ["tensor", 2]]
