@@ -17,6 +17,14 @@ wants to shard; unknown names stay replicated):
 * activations: ``batch``, ``length``, ``embed``, ``heads``, ``kv_heads``,
   ``kv``, ``mlp``, ``vocab``;
 * KV cache: ``layers``, ``batch``, ``length``, ``kv_heads``, ``kv``.
+
+Mesh axes are the config's (``data``, ``fsdp``, ``tensor``; optionally
+``sequence``, opted into by a rule ``("length", "sequence")`` ahead of the
+defaults, which splits every activation's token dimension; attention then
+gathers keys and values along it). Ensembles' ``members`` follow their own
+rule (replicated by default; e.g. ``("members", "fsdp")`` gives each fsdp
+group whole members). The trainers run inside
+:func:`activation_context` of their mesh and rules.
 """
 
 from collections.abc import Sequence
