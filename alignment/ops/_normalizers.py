@@ -5,8 +5,9 @@ position, a statistic of the whole next-token distribution
 ``π(·|x, y_{<t}) = softmax(hidden @ unembedding)``:
 
 * ``"sampled"``: ``log Σ_v π(v|·)²``, the probability that a token sampled
-  from the policy equals another independent sample (WPO's weight
-  alignment, Zhou et al. 2024, Eq. 2 and §3.2);
+  from the policy equals another independent sample (WPO's sampled weight
+  alignment, Zhou et al. 2024; TRL's ``use_weighting`` subtracts the same
+  ``log_sum_sq_probs`` from each token log-prob);
 * ``"greedy"``: ``log max_v π(v|·)``;
 * ``"none"``: 0.
 
@@ -90,7 +91,7 @@ def fused_token_log_normalizers(
 
   .. math::
     \log Z_t = \begin{cases}
-      \log\sum_v \pi(v|x, y_{<t})^2 & \text{sampled (WPO, Eq. 2)}\\
+      \log\sum_v \pi(v|x, y_{<t})^2 & \text{sampled (WPO's default)}\\
       \log\max_v \pi(v|x, y_{<t}) & \text{greedy}\\
       0 & \text{none}
     \end{cases}

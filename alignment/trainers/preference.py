@@ -174,7 +174,7 @@ def input_settings(config: ml_collections.ConfigDict, fn) -> InputSettings:
       _lm.ACTIVATION_SETS,
     ),
     token_kl=bool(names & set(_TOKEN_KL))
-    and bool(weights.get("token_kl", False)),
+    and bool(weights.get("token_kl", True)),
     consistency=bool(names & set(_CONSISTENCY)),
     normalize_by_length=bool(cons.get("normalize_by_length", True)),
     granularity=_choice(
