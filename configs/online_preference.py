@@ -27,7 +27,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data = config_lib.data("synthetic", max_prompt_len=256,
                                 max_completion_len=256)
   if arg.runlocal:
-    config_lib.runlocal(config, steps=2, batch_size=4)
+    # 8 prompts: divisible over the data axis of any host with 1, 2, 4
+    # or 8 devices (a batch must split evenly over the batch shards).
+    config_lib.runlocal(config, steps=2, batch_size=8)
     config.online.max_new_tokens = 9
     config.optimizer.learning_rate = 1e-4
   return config

@@ -118,7 +118,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   writer = common.MetricWriter(run_.workdir, total_steps=iterations,
                                name="online_preference", resume_step=start,
                                progress=config.get("progress", True))
-  history = []
+  # Resumed: the iterations before the checkpoint, as logged (the writer
+  # has dropped any logged after it).
+  history = common.read_metrics(writer.path) if start else []
   with common._Preemption() as preemption:  # noqa: SLF001
     for it in range(start + 1, iterations + 1):
       pb = next(prompts_it)

@@ -373,6 +373,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   state = jax.device_put(state, state_sh)  # committed: one compile of step
   prompts_it = _data.iterator(config, "prompt", tokenizer)
   start_iter = 0
+  restored_kl_beta = None  # adaptive-KL coefficient of a resumed run
   if run_.checkpointer is not None:
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -382,6 +383,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       state, extra = restored
       prompts_it.set_state(extra["data_state"])
       start_iter = int(extra.get("iteration", 0))
+      restored_kl_beta = extra.get("kl_beta")
   frozen_ref = reference_params if reference_params is not None else \
       (init_params if init_params is not None else _setup.build_model(
           "causal_lm", config.model, mesh, rules, config.seed)[0].params)
@@ -420,9 +422,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                                name="rl", resume_step=start_iter,
                                progress=config.get("progress", True))
   kl_state = losses.adaptive_kl_init(beta=config.kl.beta)
+  if restored_kl_beta is not None:  # resume: the controller's state, exact
+    kl_state = losses.adaptive_kl_init(beta=restored_kl_beta)
   group = config.rl.num_generations
   on_policy = is_on_policy(config)
-  history = []
+  # Resumed: the iterations before the checkpoint, as logged (the writer
+  # has dropped any logged after it).
+  history = common.read_metrics(writer.path) if start_iter else []
   with common._Preemption() as preemption:  # noqa: SLF001
     for iteration in range(start_iter + 1, config.total_steps + 1):
       pb = next(prompts_it)
@@ -509,7 +515,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       if ck is not None and (ck.should_save(iteration) or stop or
                              iteration == config.total_steps):
         ck.save(iteration, state, {"data_state": prompts_it.get_state(),
-                                   "iteration": iteration},
+                                   "iteration": iteration,
+                                   "kl_beta": float(kl_state.beta)},
                 force=True, wait=stop)
       if stop:
         writer.close()
