@@ -9,8 +9,10 @@ tile of logits is computed, reduced (online log-sum-exp) and dropped. The
 backward pass (a ``jax.custom_vjp``) recomputes each tile from the saved
 per-row log-sum-exp and accumulates the gradients of the hidden states and of
 the unembedding tile by tile. Peak extra memory is a few tiles plus one
-``[D, V]`` float32 gradient accumulator, instead of several ``[B, T, V]``
+``[V, D]`` float32 gradient accumulator, instead of several ``[B, T, V]``
 arrays; the price is one extra ``[B·T, D] x [D, V]`` matmul (the recompute).
+Internally the unembedding is used as ``W^T [V, D]`` (a tied embedding
+table as it is stored), so vocabulary tiles are contiguous row blocks.
 
 References:
   Wijmans et al., `Cut Your Losses in Large-Vocabulary Language Models
@@ -58,8 +60,8 @@ def _dot(a, b, contract):
 
 
 def _tile_logits(h_c, w_v, st: _Static):
-  """``[C, D] x [D, Vc] -> [C, Vc]`` float32 logits divided by temperature."""
-  z = _dot(h_c, w_v, ((1,), (0,)))
+  """``[C, D] x [Vc, D]^T -> [C, Vc]`` float32 logits / temperature."""
+  z = _dot(h_c, w_v, ((1,), (1,)))
   if st.inv_temperature != 1.0:
     z = z * st.inv_temperature
   return z
@@ -103,20 +105,20 @@ def _fwd_tile(stats, h_c, w_v, t_c, col0, st: _Static):
 
 def _fwd_rows(h_c, w, t_c, st: _Static):
   """Log-sum-exp, target logit and entropy of one row chunk ``[C]``."""
-  vocab = w.shape[1]
+  vocab = w.shape[0]
   n_full, tail = _vocab_tiles(vocab, st.vocab_chunk)
 
   def body(v, stats):
     col0 = v * st.vocab_chunk
-    w_v = jax.lax.dynamic_slice_in_dim(w, col0, st.vocab_chunk, axis=1)
+    w_v = jax.lax.dynamic_slice_in_dim(w, col0, st.vocab_chunk, axis=0)
     return _fwd_tile(stats, h_c, w_v, t_c, col0, st)
 
-  stats = _fwd_tile(None, h_c, w[:, : st.vocab_chunk], t_c, 0, st)
+  stats = _fwd_tile(None, h_c, w[: st.vocab_chunk], t_c, 0, st)
   if n_full > 1:
     stats = jax.lax.fori_loop(1, n_full, body, stats)
   if tail:
     col0 = n_full * st.vocab_chunk
-    stats = _fwd_tile(stats, h_c, w[:, col0:], t_c, col0, st)
+    stats = _fwd_tile(stats, h_c, w[col0:], t_c, col0, st)
   m, s, u, picked = stats
   log_s = jnp.log(s)
   entropy = log_s - u / s if st.with_entropy else jnp.zeros_like(s)
@@ -151,25 +153,25 @@ def _bwd_tile(h_c, w_v, t_c, lse_c, ent_c, g_c, gent_c, col0, st: _Static):
   return dz
 
 
-def _bwd_vocab_tile(dh, h, h_t, w_v, t, lse, ent, g, gent, col0, st: _Static):
+def _bwd_vocab_tile(dh, h, w_v, t, lse, ent, g, gent, col0, st: _Static):
   """Adds one vocabulary tile's contribution to ``dh``; returns ``dw_v``.
 
-  ``h_t`` is ``h`` with its last two axes swapped, so that the ``dw_v``
-  product is a plain ``[D, C] x [C, Vc]`` matmul (a transposed-operand dot
-  is not picked up by XLA:CPU's fast matmul path).
+  ``dh_c += dz [C, Vc] x w_v [Vc, D]`` and ``dw_v += dz^T h_c`` (a
+  single-axis transposed-operand product, ``[Vc, D]``, that XLA:CPU runs
+  without copying either operand).
   """
   compute_dtype = w_v.dtype
 
   def rows(dw_v, xs):
-    dh_c, h_c, h_t_c, t_c, lse_c, ent_c, g_c, gent_c = xs
+    dh_c, h_c, t_c, lse_c, ent_c, g_c, gent_c = xs
     dz = _bwd_tile(h_c, w_v, t_c, lse_c, ent_c, g_c, gent_c, col0, st)
     dz = dz.astype(compute_dtype)
-    dh_c = dh_c + _dot(dz, w_v, ((1,), (1,)))
-    dw_v = dw_v + _dot(h_t_c, dz, ((1,), (0,)))
+    dh_c = dh_c + _dot(dz, w_v, ((1,), (0,)))
+    dw_v = dw_v + _dot(dz, h_c, ((0,), (0,)))
     return dw_v, dh_c
 
   dw_v = jnp.zeros(w_v.shape, jnp.float32)
-  xs = (dh, h, h_t, t, lse, ent, g, gent)
+  xs = (dh, h, t, lse, ent, g, gent)
   if h.shape[0] == 1:
     dw_v, dh_c = rows(dw_v, jax.tree.map(lambda x: x[0], xs))
     return dh_c[None], dw_v
@@ -178,28 +180,27 @@ def _bwd_vocab_tile(dh, h, h_t, w_v, t, lse, ent, g, gent, col0, st: _Static):
 
 
 def _backward(h, w, t, lse, ent, g, gent, st: _Static):
-  vocab = w.shape[1]
+  """``(dh [n, C, D], dw [V, D])``; ``dw``'s row tiles are contiguous."""
+  vocab = w.shape[0]
   n_full, tail = _vocab_tiles(vocab, st.vocab_chunk)
   dh = jnp.zeros(h.shape, jnp.float32)
-  h_t = jnp.swapaxes(h, 1, 2)
   args = (t, lse, ent, g, gent)
-  if n_full == 1:
-    dh, dw = _bwd_vocab_tile(dh, h, h_t, w[:, : st.vocab_chunk], *args, 0, st)
-  else:
-    dw = jnp.zeros((w.shape[0], n_full * st.vocab_chunk), jnp.float32)
+  if n_full == 1 and not tail:
+    return _bwd_vocab_tile(dh, h, w, *args, 0, st)
+  dw = jnp.zeros(w.shape, jnp.float32)
 
-    def body(v, carry):
-      dh, dw = carry
-      col0 = v * st.vocab_chunk
-      w_v = jax.lax.dynamic_slice_in_dim(w, col0, st.vocab_chunk, axis=1)
-      dh, dw_v = _bwd_vocab_tile(dh, h, h_t, w_v, *args, col0, st)
-      return dh, jax.lax.dynamic_update_slice_in_dim(dw, dw_v, col0, axis=1)
+  def body(v, carry):
+    dh, dw = carry
+    col0 = v * st.vocab_chunk
+    w_v = jax.lax.dynamic_slice_in_dim(w, col0, st.vocab_chunk, axis=0)
+    dh, dw_v = _bwd_vocab_tile(dh, h, w_v, *args, col0, st)
+    return dh, jax.lax.dynamic_update_slice_in_dim(dw, dw_v, col0, axis=0)
 
-    dh, dw = jax.lax.fori_loop(0, n_full, body, (dh, dw))
+  dh, dw = jax.lax.fori_loop(0, n_full, body, (dh, dw))
   if tail:
     col0 = n_full * st.vocab_chunk
-    dh, dw_tail = _bwd_vocab_tile(dh, h, h_t, w[:, col0:], *args, col0, st)
-    dw = jnp.concatenate([dw, dw_tail], axis=1)
+    dh, dw_tail = _bwd_vocab_tile(dh, h, w[col0:], *args, col0, st)
+    dw = jax.lax.dynamic_update_slice_in_dim(dw, dw_tail, col0, axis=0)
   return dh, dw
 
 
@@ -316,9 +317,13 @@ def fused_token_logps(
   st = _Static(
     chunk, vocab_chunk, 1.0 / float(temperature), bool(return_entropy)
   )
+  # The kernel works on the [V, D] layout: vocabulary tiles are contiguous
+  # row blocks (no strided slices), and for a tied embedding
+  # (``unembedding = table.T``) the two transposes cancel, so neither the
+  # table nor its gradient is ever copied into [D, V].
   logps, entropy = _fused(
     h.reshape(n_chunks, chunk, width),
-    unembedding.astype(dtype),
+    unembedding.astype(dtype).T,
     t.reshape(n_chunks, chunk),
     st,
   )
