@@ -70,12 +70,15 @@ class Built:
       other tasks ``[("update", step)]``.
     tokens_per_step: tokens processed by one step.
     info: facts about the model and the run for the report.
+    train: ``(jitted train step, () -> its current arguments)``, for
+      profiling and HLO inspection.
   """
 
-  def __init__(self, stages, tokens_per_step, info):
+  def __init__(self, stages, tokens_per_step, info, train=None):
     self.stages = stages
     self.tokens_per_step = tokens_per_step
     self.info = info
+    self.train = train
 
   def step(self):
     for _, fn in self.stages:
@@ -191,10 +194,11 @@ def build(spec) -> Built:
       jax.block_until_ready((holder["state"], metrics))
 
     stages = [("update", one_step)]
+    jitted = (step, lambda: (holder["state"], frozen, batch))
 
   elif task == "grpo":
     from alignment import sampling
-    from alignment.trainers import _lm, rl
+    from alignment.trainers import rl
 
     config = _common_config(_config("rl", "runlocal"), spec)
     group = spec["num_generations"]
@@ -228,10 +232,9 @@ def build(spec) -> Built:
     @jax.jit
     def forward_logps(p, tokens, attention_mask, loss_mask):
       m = nnx.merge(graphdef, p, rest)
-      lp, _ = _lm.completion_token_logps(
-        m, tokens, attention_mask, attention_mask, chunk_size=chunk
+      return rl.completion_logps(
+        m, tokens, attention_mask, loss_mask, chunk_size=chunk, temperature=1.0
       )
-      return jnp.where(loss_mask, lp, 0.0)
 
     @jax.jit
     def prepare(out):
@@ -298,10 +301,11 @@ def build(spec) -> Built:
       jax.block_until_ready((holder["state"], metrics))
 
     stages = [("sample", sample), ("score", score), ("update", update)]
+    jitted = (train, lambda: (holder["state"], None, holder["rollout"]))
 
   else:
     raise ValueError(f"unknown task {task!r}")
-  return Built(stages, tokens_per_step, info)
+  return Built(stages, tokens_per_step, info, jitted)
 
 
 def main():

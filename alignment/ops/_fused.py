@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 
 from alignment.array_types import In, Out, typechecked
 
@@ -125,11 +125,31 @@ def _fwd_rows(h_c, w, t_c, st: _Static):
   return m + log_s, picked, entropy
 
 
-def _forward(h, w, t, st: _Static):
-  """Row-chunked forward. ``h: [n, C, D]``, ``t: [n, C]`` -> ``[n, C]`` x3."""
+def _skip_unless(active, fn, skipped):
+  """``fn()`` if ``active`` (None: always), else ``skipped`` (same tree)."""
+  if active is None:
+    return fn()
+  return jax.lax.cond(active, fn, lambda: skipped)
+
+
+def _forward(h, w, t, n_active, st: _Static):
+  """Row-chunked forward. ``h: [n, C, D]``, ``t: [n, C]`` -> ``[n, C]`` x3.
+
+  Chunks ``>= n_active`` (None: all chunks run) are skipped (zeros).
+  """
   if h.shape[0] == 1:
     return jax.tree.map(lambda x: x[None], _fwd_rows(h[0], w, t[0], st))
-  return jax.lax.map(lambda xs: _fwd_rows(xs[0], w, xs[1], st), (h, t))
+  zeros = jnp.zeros(h.shape[1], jnp.float32)
+
+  def chunk(xs):
+    i, h_c, t_c = xs
+    return _skip_unless(
+      None if n_active is None else i < n_active,
+      lambda: _fwd_rows(h_c, w, t_c, st),
+      (zeros, zeros, zeros),
+    )
+
+  return jax.lax.map(chunk, (jnp.arange(h.shape[0]), h, t))
 
 
 # Backward: vocabulary tiles outer, row chunks inner. For a tile with logits
@@ -153,7 +173,9 @@ def _bwd_tile(h_c, w_v, t_c, lse_c, ent_c, g_c, gent_c, col0, st: _Static):
   return dz
 
 
-def _bwd_vocab_tile(dh, h, w_v, t, lse, ent, g, gent, col0, st: _Static):
+def _bwd_vocab_tile(
+  dh, h, w_v, t, lse, ent, g, gent, n_active, col0, st: _Static
+):
   """Adds one vocabulary tile's contribution to ``dh``; returns ``dw_v``.
 
   ``dh_c += dz [C, Vc] x w_v [Vc, D]`` and ``dw_v += dz^T h_c`` (a
@@ -163,15 +185,21 @@ def _bwd_vocab_tile(dh, h, w_v, t, lse, ent, g, gent, col0, st: _Static):
   compute_dtype = w_v.dtype
 
   def rows(dw_v, xs):
-    dh_c, h_c, t_c, lse_c, ent_c, g_c, gent_c = xs
-    dz = _bwd_tile(h_c, w_v, t_c, lse_c, ent_c, g_c, gent_c, col0, st)
-    dz = dz.astype(compute_dtype)
-    dh_c = dh_c + _dot(dz, w_v, ((1,), (0,)))
-    dw_v = dw_v + _dot(dz, h_c, ((0,), (0,)))
-    return dw_v, dh_c
+    i, dh_c, h_c, t_c, lse_c, ent_c, g_c, gent_c = xs
+
+    def run():
+      dz = _bwd_tile(h_c, w_v, t_c, lse_c, ent_c, g_c, gent_c, col0, st)
+      dz = dz.astype(compute_dtype)
+      return (
+        dw_v + _dot(dz, h_c, ((0,), (0,))),
+        dh_c + _dot(dz, w_v, ((1,), (0,))),
+      )
+
+    active = None if n_active is None else i < n_active
+    return _skip_unless(active, run, (dw_v, dh_c))
 
   dw_v = jnp.zeros(w_v.shape, jnp.float32)
-  xs = (dh, h, t, lse, ent, g, gent)
+  xs = (jnp.arange(h.shape[0]), dh, h, t, lse, ent, g, gent)
   if h.shape[0] == 1:
     dw_v, dh_c = rows(dw_v, jax.tree.map(lambda x: x[0], xs))
     return dh_c[None], dw_v
@@ -179,12 +207,12 @@ def _bwd_vocab_tile(dh, h, w_v, t, lse, ent, g, gent, col0, st: _Static):
   return dh, dw_v
 
 
-def _backward(h, w, t, lse, ent, g, gent, st: _Static):
+def _backward(h, w, t, lse, ent, g, gent, n_active, st: _Static):
   """``(dh [n, C, D], dw [V, D])``; ``dw``'s row tiles are contiguous."""
   vocab = w.shape[0]
   n_full, tail = _vocab_tiles(vocab, st.vocab_chunk)
   dh = jnp.zeros(h.shape, jnp.float32)
-  args = (t, lse, ent, g, gent)
+  args = (t, lse, ent, g, gent, n_active)
   if n_full == 1 and not tail:
     return _bwd_vocab_tile(dh, h, w, *args, 0, st)
   dw = jnp.zeros(w.shape, jnp.float32)
@@ -204,24 +232,24 @@ def _backward(h, w, t, lse, ent, g, gent, st: _Static):
   return dh, dw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _fused(h, w, t, st: _Static):
-  lse, picked, entropy = _forward(h, w, t, st)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused(h, w, t, n_active, st: _Static):
+  lse, picked, entropy = _forward(h, w, t, n_active, st)
   return picked - lse, entropy
 
 
-def _fused_fwd(h, w, t, st: _Static):
-  lse, picked, entropy = _forward(h, w, t, st)
-  return (picked - lse, entropy), (h, w, t, lse, entropy)
+def _fused_fwd(h, w, t, n_active, st: _Static):
+  lse, picked, entropy = _forward(h, w, t, n_active, st)
+  return (picked - lse, entropy), (h, w, t, n_active, lse, entropy)
 
 
 def _fused_bwd(st: _Static, residuals, cotangents):
-  h, w, t, lse, entropy = residuals
+  h, w, t, n_active, lse, entropy = residuals
   g, gent = cotangents
   g = jnp.asarray(g, jnp.float32)
   gent = jnp.asarray(gent, jnp.float32)
-  dh, dw = _backward(h, w, t, lse, entropy, g, gent, st)
-  return dh.astype(h.dtype), dw.astype(w.dtype), None
+  dh, dw = _backward(h, w, t, lse, entropy, g, gent, n_active, st)
+  return dh.astype(h.dtype), dw.astype(w.dtype), None, None
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -237,6 +265,7 @@ def fused_token_logps(
   vocab_chunk_size: int | None = FUSED_DEFAULT_VOCAB_CHUNK_SIZE,
   temperature: float = 1.0,
   return_entropy: bool = False,
+  where: Bool[In, "B T"] | None = None,
 ) -> Float[Out, "B T"] | tuple[Float[Out, "B T"], Float[Out, "B T"]]:
   r"""Per-token log-probs of ``targets`` under ``softmax(hidden @ W / τ)``.
 
@@ -275,10 +304,18 @@ def fused_token_logps(
       the log-probs match the sampler's).
     return_entropy: also return the entropy of each position's
       distribution (differentiable, for entropy bonuses).
+    where: optional bool ``[B, T]``, the positions to compute (e.g. the
+      completion tokens). The others get log-prob and entropy 0 and no
+      gradient, and cost nothing: rows are reordered so that the computed
+      ones come first, cut into chunks of at most ``chunk_size`` rows (and
+      at most ``max(128, B·T / 8)``), and chunks with no computed row are
+      skipped, so the work scales with the number of True positions
+      (rounded up to a chunk). NaN rows outside ``where`` are inert.
 
   Returns:
-    float32 log-probs ``[B, T]``, not masked; with ``return_entropy`` a
-    tuple ``(logps, entropy)``, both float32 ``[B, T]``, entropy in nats.
+    float32 log-probs ``[B, T]``, not masked (zero outside ``where``); with
+    ``return_entropy`` a tuple ``(logps, entropy)``, both float32
+    ``[B, T]``, entropy in nats.
 
   References:
     Wijmans et al., `Cut Your Losses in Large-Vocabulary Language Models
@@ -304,10 +341,21 @@ def fused_token_logps(
   dtype = jnp.promote_types(hidden.dtype, unembedding.dtype)
   rows = batch * length
   chunk = max(1, min(chunk_size, rows))
-  n_chunks = -(-rows // chunk)
-  pad = n_chunks * chunk - rows
   h = hidden.astype(dtype).reshape(rows, width)
   t = jnp.asarray(targets, jnp.int32).reshape(rows)
+  n_active = order = None
+  if where is not None:
+    # Chunks small enough that skipping whole ones pays: <= 1/8 of the rows.
+    chunk = min(chunk, max(128, 8 * -(-rows // 64)))
+    keep = jnp.asarray(where, bool).reshape(rows)
+    order = jnp.argsort(~keep, stable=True)  # computed rows first
+    keep = keep[order]
+    # Rows outside ``where`` get 0 (finite) inputs: NaN there stays inert.
+    h = jnp.where(keep[:, None], h[order], 0)
+    t = jnp.where(keep, t[order], 0)
+    n_active = (jnp.sum(keep, dtype=jnp.int32) + chunk - 1) // chunk
+  n_chunks = -(-rows // chunk)
+  pad = n_chunks * chunk - rows
   if pad:
     h = jnp.pad(h, ((0, pad), (0, 0)))
     t = jnp.pad(t, (0, pad))
@@ -325,9 +373,16 @@ def fused_token_logps(
     h.reshape(n_chunks, chunk, width),
     unembedding.astype(dtype).T,
     t.reshape(n_chunks, chunk),
+    n_active,
     st,
   )
-  logps = logps.reshape(-1)[:rows].reshape(batch, length)
+
+  def unsort(x):
+    x = x.reshape(-1)[:rows]
+    if order is not None:
+      x = jnp.zeros_like(x).at[order].set(jnp.where(keep, x, 0.0))
+    return x.reshape(batch, length)
+
   if not return_entropy:
-    return logps
-  return logps, entropy.reshape(-1)[:rows].reshape(batch, length)
+    return unsort(logps)
+  return unsort(logps), unsort(entropy)

@@ -140,6 +140,31 @@ def is_on_policy(config) -> bool:
           and config.kl.mode != "reward")
 
 
+def completion_logps(model, tokens, attention_mask, loss_mask, *,
+                     chunk_size, temperature, return_entropy=False):
+  """Per-token log-probs (and entropies) of the completion targets.
+
+  Args:
+    model: a causal LM (``hidden`` and ``unembedding``).
+    tokens: ``[N, P+T]`` prompt + completion ids.
+    attention_mask: ``[N, P+T]``.
+    loss_mask: ``[N, P+T-1]`` completion target positions.
+    chunk_size: row chunk of the fused kernel.
+    temperature: the sampling temperature (divides the logits).
+    return_entropy: also return the entropies.
+
+  Returns:
+    float32 ``[N, P+T-1]`` log-probs (and entropies), 0 outside
+    ``loss_mask``: the fused kernel computes only the completion rows
+    (``where=loss_mask``), so the prompt positions cost no LM-head work.
+  """
+  hidden = model.hidden(tokens, attention_mask=attention_mask)
+  return ops.fused_token_logps(
+      hidden[:, :-1], model.unembedding(), tokens[:, 1:],
+      chunk_size=chunk_size, temperature=temperature,
+      return_entropy=return_entropy, where=loss_mask)
+
+
 def _align_completion(x, prompt_len, fill=0.0):
   """``[N, T]`` completion values → ``[N, P+T-1]`` next-token positions."""
   n = x.shape[0]
@@ -165,11 +190,10 @@ def make_policy_loss(policy_gd, policy_rest, value_gd, value_rest, config):
   def loss_fn(params, frozen, mb, rng):
     del frozen, rng
     policy = nnx.merge(policy_gd, params["policy"], policy_rest)
-    lp, _, ent = _lm.completion_token_logps(
-        policy, mb.tokens, mb.attention_mask, mb.attention_mask,
-        chunk_size=chunk, temperature=temperature, return_entropy=True)
     mask = mb.loss_mask
-    lp = jnp.where(mask, lp, 0.0)
+    lp, ent = completion_logps(
+        policy, mb.tokens, mb.attention_mask, mask, chunk_size=chunk,
+        temperature=temperature, return_entropy=True)
     old = mb.old_token_logps
     if old is None:  # on-policy: the sampling policy is this one
       old = jax.lax.stop_gradient(lp)
@@ -406,10 +430,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   @jax.jit
   def forward_logps(p, tokens, attention_mask, loss_mask):
     model = nnx.merge(policy.graphdef, p, policy.rest)
-    lp, _ = _lm.completion_token_logps(
-        model, tokens, attention_mask, attention_mask, chunk_size=chunk,
+    return completion_logps(
+        model, tokens, attention_mask, loss_mask, chunk_size=chunk,
         temperature=config.rl.temperature)
-    return jnp.where(loss_mask, lp, 0.0)
 
   values_fn = None
   if value is not None:
