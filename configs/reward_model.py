@@ -65,6 +65,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                      task_seed=1, num_examples=512)
   config.eval_data.num_epochs = 1
   config.eval_batches = 16
+  # RewardBench-2-style best-of-4 on lists of 4 responses: the synthetic
+  # eval task draws them with gold rewards (else set eval_ranked_data to a
+  # ranked source); 0 turns it off.
+  config.eval_best_of = 4
   if arg.runlocal:
     config_lib.runlocal(config)
     config.optimizer.learning_rate = 1e-3

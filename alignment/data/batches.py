@@ -31,7 +31,9 @@ class PreferenceBatch(NamedTuple):
   ``ref_rejected_logps`` ``[B]`` hold precomputed reference sequence
   log-probs (or None); ``margin`` ``[B]`` an optional preference strength;
   ``chosen_score`` / ``rejected_score`` ``[B]`` optional per-response scores
-  (ratings or a gold reward; reward-model regression targets).
+  (ratings or a gold reward; reward-model regression targets);
+  ``subset_id`` ``[B]`` int32 optional category of each pair (an index into
+  the iterator's ``subset_names``, e.g. RewardBench-style subsets).
   """
 
   chosen_tokens: np.ndarray
@@ -46,6 +48,7 @@ class PreferenceBatch(NamedTuple):
   margin: np.ndarray | None = None
   chosen_score: np.ndarray | None = None
   rejected_score: np.ndarray | None = None
+  subset_id: np.ndarray | None = None
 
 
 class UnpairedBatch(NamedTuple):

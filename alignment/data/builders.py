@@ -103,6 +103,7 @@ _SCHEMA = {
   "margin": _FLOAT,
   "chosen_score": _FLOAT,
   "rejected_score": _FLOAT,
+  "subset": _TEXT,
   "label": _BOOL,
   "responses": _TEXTS,
   "scores": _FLOATS,
@@ -285,6 +286,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.options = self.check_options(options)
     self.policy = rec.ErrorPolicy(on_error, what=self.name)
     self.counts = collections.Counter()
+    self.subset_counts = collections.Counter()
     config = tfds.core.BuilderConfig(name=config_name or "default")
     super().__init__(
       data_dir=data_dir, config=config, file_format="array_record", **kwargs
@@ -398,6 +400,9 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             self.counts["margin_rows"] += 1
           if self.kind == "preference" and math.isfinite(full["chosen_score"]):
             self.counts["score_rows"] += 1
+          if self.kind == "preference" and full["subset"]:
+            self.counts["subset_rows"] += 1
+            self.subset_counts[full["subset"]] += 1
           yield key, full
           key += 1
     self.counts["rows_written"] = key
@@ -410,7 +415,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         out[f] = row[f]
       elif f in ("margin", "chosen_score", "rejected_score"):
         out[f] = float("nan")
-      elif f in ("prompt_messages", "answer", "solution"):
+      elif f in ("prompt_messages", "answer", "solution", "subset"):
         out[f] = ""
       elif f == "metadata":
         out[f] = "{}"
@@ -443,6 +448,12 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self.counts["rows_written"] > 0
         and self.counts["score_rows"] == self.counts["rows_written"]
       )
+      r["subset_rows"] = self.counts["subset_rows"]
+      r["has_subsets"] = (
+        self.counts["rows_written"] > 0
+        and self.counts["subset_rows"] == self.counts["rows_written"]
+      )
+      r["subsets"] = dict(sorted(self.subset_counts.items()))
     return r
 
 
@@ -494,9 +505,24 @@ class HhRlhf(_Builder):
     ),
   )
 
+  # The release's directories; a file under one of them gets its name as
+  # the rows' ``subset``.
+  SUBSETS = (
+    "harmless-base",
+    "helpful-base",
+    "helpful-online",
+    "helpful-rejection-sampled",
+    "red-team-attempts",
+  )
+
   @classmethod
   def find_files(cls, root, split):
     return _glob(root, (f"{split}.jsonl.gz", f"{split}.jsonl"))
+
+  def read(self, file):
+    parent = pathlib.Path(file).parent.name
+    self._subset = parent if parent in self.SUBSETS else ""
+    return super().read(file)
 
   @staticmethod
   def split_transcript(text: str, field: str) -> tuple[str, str]:
@@ -554,6 +580,7 @@ class HhRlhf(_Builder):
         "prompt_messages": rec.messages_json(msgs),
         "chosen": c,
         "rejected": r,
+        "subset": getattr(self, "_subset", ""),
       }
     ]
 
@@ -1175,6 +1202,10 @@ def convert_generic(
       raise RowError("missing_field", path(other), f"{given[0]} is given")
     for f in given:
       row[f] = rec.finite_float(scores[f], path(f))
+    # Optional category (RewardBench-style subset), a non-empty name.
+    subset = get("subset", (str, int), optional=True)
+    if subset is not None and str(subset):
+      row["subset"] = str(subset)
   elif kind == "unpaired":
     text, implicit = _completion_value(
       get("completion", (str, list)), path("completion")
@@ -1386,7 +1417,9 @@ def build(
     The :class:`BuiltDataset`; its ``report`` has ``rows_read``,
     ``rows_written``, ``skipped`` (per kind), ``dropped`` and, for
     preference data, ``has_margin`` and ``has_scores`` (every row has a
-    margin / per-response ``chosen_score`` and ``rejected_score``).
+    margin / per-response ``chosen_score`` and ``rejected_score``),
+    ``has_subsets`` (every row names a ``subset``) and ``subsets``
+    (``{name: rows}``).
 
   Concurrency: each build writes into a private temporary directory under
   ``data_dir`` and is renamed into place, so concurrent builders of the same

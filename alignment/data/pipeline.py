@@ -295,6 +295,8 @@ class _Source(NamedTuple):
   has_margin: bool
   fingerprint: str
   has_scores: bool = False
+  # Sorted subset names when every preference row names one, else ().
+  subsets: tuple = ()
 
 
 class _ConvertedRows(Sequence):
@@ -363,7 +365,9 @@ def load_rows(data_config, kind: str) -> _Source:
         s["task_seed"],
         synthetic.LettersTask(**s["task"]).__dict__,
         s["max_responses"],
-      ],
+      ]
+      # Preference rows gained a ``subset`` column: new rows, new file.
+      + (["subset"] if kind == "preference" else []),
       sort_keys=True,
     )
     fp = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -433,6 +437,9 @@ def load_rows(data_config, kind: str) -> _Source:
     bool(built.report.get("has_margin", False)),
     pathlib.Path(built.directory).parent.name,
     bool(built.report.get("has_scores", False)),
+    tuple(sorted(built.report.get("subsets", {})))
+    if built.report.get("has_subsets")
+    else (),
   )
 
 
@@ -572,6 +579,7 @@ def _process(
       "margin": float(row.get("margin", float("nan"))),
       "chosen_score": float(row.get("chosen_score", float("nan"))),
       "rejected_score": float(row.get("rejected_score", float("nan"))),
+      "subset": str(row.get("subset", "") or ""),
       "index": index,
       "tp": tp,
       "tc": tc1 or tc2,
@@ -699,12 +707,15 @@ def _collate(
     rt, ra, rc = pad.right(
       [e["rejected"] for e in ex], [e["plen"] for e in ex], length
     )
-    margin = chosen_score = rejected_score = None
+    margin = chosen_score = rejected_score = subset_id = None
     if extras.get("has_margin"):
       margin = np.asarray([e["margin"] for e in ex], np.float32)
     if extras.get("has_scores"):
       chosen_score = np.asarray([e["chosen_score"] for e in ex], np.float32)
       rejected_score = np.asarray([e["rejected_score"] for e in ex], np.float32)
+    if extras.get("subsets"):
+      ids = {name: i for i, name in enumerate(extras["subsets"])}
+      subset_id = np.asarray([ids.get(e["subset"], -1) for e in ex], np.int32)
     ref_c = ref_r = None
     if extras.get("ref") is not None:
       chosen_lp, rejected_lp, have = extras["ref"]
@@ -732,6 +743,7 @@ def _collate(
       margin,
       chosen_score,
       rejected_score,
+      subset_id,
     )
   if kind == "unpaired":
     n = len(ex)
@@ -872,6 +884,7 @@ class DataIterator:
     self._extras = {
       "has_margin": source_info.has_margin,
       "has_scores": source_info.has_scores,
+      "subsets": tuple(source_info.subsets) if kind == "preference" else (),
       "ref": ref,
     }
     self._info = source_info
@@ -1134,6 +1147,17 @@ class DataIterator:
     return bool(self._extras["has_scores"]) and self.kind == "preference"
 
   @property
+  def subset_names(self) -> tuple[str, ...]:
+    """Names of the ``subset_id`` values of preference batches (sorted;
+    empty when some row of the source names no ``subset``)."""
+    return tuple(self._extras["subsets"])
+
+  @property
+  def has_subsets(self) -> bool:
+    """Preference batches carry ``subset_id``."""
+    return bool(self._extras["subsets"])
+
+  @property
   def stats(self) -> dict:
     out = dict(self._stats)
     for k, v in (self._info.report.get("skipped") or {}).items():
@@ -1245,10 +1269,12 @@ def make_iterator(
       for r in canon
       for f in ("chosen_score", "rejected_score")
     )
+    names = [str(r.get("subset", "") or "") for r in canon]
+    subsets = tuple(sorted(set(names))) if names and all(names) else ()
     fp = hashlib.sha256(
       json.dumps(canon, sort_keys=True, default=str).encode()
     ).hexdigest()[:16]
-    info = _Source(canon, kind, "rows", {}, has_margin, fp, has_scores)
+    info = _Source(canon, kind, "rows", {}, has_margin, fp, has_scores, subsets)
   else:
     info = load_rows(s, kind)
   ref = None

@@ -9,7 +9,8 @@ kind       fields (besides ``prompt``, ``prompt_messages``,  batch
 ========== ================================================= ===============
 sft        ``completion``                                     SFTBatch
 preference ``chosen``, ``rejected``, ``margin``,               PreferenceBatch
-           ``chosen_score``, ``rejected_score`` (NaN: none)
+           ``chosen_score``, ``rejected_score`` (NaN: none),
+           ``subset`` (a category name; "": none)
 unpaired   ``completion``, ``label`` (bool)                   UnpairedBatch
 ranked     ``responses`` [K], ``scores`` [K]                  RankedBatch
 step       ``steps`` [S], ``step_labels`` [S] in [0, 1]       StepBatch
@@ -78,6 +79,7 @@ KIND_FIELDS = {
     "source",
     "chosen_score",
     "rejected_score",
+    "subset",
   ),
   "unpaired": ("prompt", "prompt_messages", "completion", "label", "source"),
   "ranked": ("prompt", "prompt_messages", "responses", "scores", "source"),

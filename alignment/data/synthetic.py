@@ -35,6 +35,8 @@ import numpy as np
 ALPHABET = string.ascii_lowercase
 PROMPT_END = ">"
 RULES = ("first_half", "prompt_half", "in_prompt")
+# Gold-reward gap from which a pair is "easy" (LettersTask.difficulty).
+EASY_GAP = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +98,8 @@ class LettersTask:
     """Labels pairs with Bradley–Terry noise on the gold reward.
 
     Returns rows ``{"prompt", "chosen", "rejected", "gold_chosen",
-    "gold_rejected"}``; the chosen side is drawn with probability
+    "gold_rejected", "subset"}`` (``subset``: :meth:`difficulty` of the
+    gold gap); the chosen side is drawn with probability
     ``σ((r*(a) - r*(b)) / label_temperature)``.
     """
     rng = np.random.default_rng([seed, 2])
@@ -110,7 +113,8 @@ class LettersTask:
       chosen, rejected = (a, b) if take_a[i] else (b, a)
       g_c, g_r = (ga[i], gb[i]) if take_a[i] else (gb[i], ga[i])
       rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
-                   "gold_chosen": float(g_c), "gold_rejected": float(g_r)})
+                   "gold_chosen": float(g_c), "gold_rejected": float(g_r),
+                   "subset": self.difficulty(g_c - g_r)})
     return rows
 
   def preference_pairs(self, n: int, seed: int) -> list[dict]:
@@ -124,6 +128,12 @@ class LettersTask:
     a = [self.demonstration(p, rng) for p in prompts]
     b = [self.demonstration(p, rng) for p in prompts]
     return self.label_pairs(prompts, a, b, seed)
+
+  def difficulty(self, gap: float) -> str:
+    """A pair's subset by its gold-reward gap: ``"easy"`` when ``|gap| >=
+    EASY_GAP`` (2 of the default 8 letters), else ``"hard"`` (including
+    ties, which only the label noise orders)."""
+    return "easy" if abs(gap) >= EASY_GAP - 1e-9 else "hard"
 
   # -- reward -----------------------------------------------------------------
 

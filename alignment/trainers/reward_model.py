@@ -34,9 +34,16 @@ for every question; 1 keeps every sample) for SCAN's ``prm_scan``.
 :func:`check_inputs` fails at start, naming the objective, the missing
 arrays and what this trainer supplies for the configured head and data.
 
-At the end (and every ``config.eval_every`` steps) the model is evaluated
-on the held-out split: pairwise accuracy (overall and per subset),
-calibration (ECE, Brier, reliability diagram PNG).
+At the end the model is evaluated on the held-out split
+(``config.eval_data``): pairwise accuracy (overall and, when the pairs name
+a ``subset``, per subset: ``eval_accuracy_by_subset``), calibration (ECE,
+Brier, reliability diagram PNG) and, with ``config.eval_best_of = N``,
+RewardBench-2-style best-of-N accuracy on ranked lists of N scored
+responses (``eval_best_of_N_accuracy``: the gold-best response must score
+above the N - 1 others; chance 1/N). The lists come from
+``config.eval_ranked_data``, else from ``config.eval_data`` when it is
+ranked data or the synthetic task (which then draws N responses per prompt
+with their gold rewards).
 """
 
 import json
@@ -534,10 +541,18 @@ def data_columns(batches) -> tuple[str, ...]:
   return tuple(c for c in DATA_COLUMNS if have[c])
 
 
-def evaluate_pairs(score_fn, params, batches, mesh_run, *, max_batches=None):
-  """Scores held-out pairs; returns NumPy chosen/rejected score arrays."""
+def evaluate_pairs(
+  score_fn, params, batches, mesh_run, *, max_batches=None, with_subsets=False
+):
+  """Scores held-out pairs.
+
+  Returns:
+    NumPy ``(chosen, rejected)`` score arrays ``[N]`` over the real rows;
+    with ``with_subsets`` also their int ``subset_id`` ``[N]`` (-1 where
+    the batches carry none).
+  """
   jitted = jax.jit(score_fn)
-  chosen, rejected = [], []
+  chosen, rejected, subsets = [], [], []
   for i, host in enumerate(batches):
     if max_batches is not None and i >= max_batches:
       break
@@ -551,13 +566,139 @@ def evaluate_pairs(score_fn, params, batches, mesh_run, *, max_batches=None):
     )
     chosen.append(c[keep])
     rejected.append(r[keep])
+    sid = getattr(host, "subset_id", None)
+    if sid is None:
+      sid = np.full(keep.shape, -1, np.int32)
+    subsets.append(np.asarray(sid, np.int32)[keep])
   if not chosen:
-    return np.zeros(0), np.zeros(0)
-  return np.concatenate(chosen), np.concatenate(rejected)
+    out = (np.zeros(0), np.zeros(0), np.zeros(0, np.int32))
+  else:
+    out = tuple(np.concatenate(x) for x in (chosen, rejected, subsets))
+  return out if with_subsets else out[:2]
 
 
-def calibration_report(chosen, rejected, workdir, name="reward_model"):
-  """Accuracy, ECE, Brier and a reliability-diagram PNG; returns the dict."""
+def evaluate_lists(score_fn, params, batches, mesh_run, *, max_batches=None):
+  """Scores held-out ranked lists (``RankedBatch``es).
+
+  Returns:
+    NumPy ``(scores, gold, mask)``, each ``[N, K]`` over the real rows:
+    the model's score of every response, the data's scores (higher is
+    better) and the ``list_mask`` (False on padding responses).
+  """
+  jitted = jax.jit(score_fn)
+  scores, gold, masks = [], [], []
+  for i, host in enumerate(batches):
+    if max_batches is not None and i >= max_batches:
+      break
+    b, k, length = host.tokens.shape
+    flat = _data.device_batch(
+      (
+        np.asarray(host.tokens).reshape(b * k, length),
+        np.asarray(host.attention_mask).reshape(b * k, length),
+      ),
+      mesh_run,
+    )
+    keep = np.asarray(host.example_mask, bool)
+    s = np.asarray(jitted(params, *flat)).reshape(b, k)
+    scores.append(s[keep])
+    gold.append(np.asarray(host.scores, np.float64)[keep])
+    masks.append(np.asarray(host.list_mask, bool)[keep])
+  if not scores:
+    return np.zeros((0, 0)), np.zeros((0, 0)), np.zeros((0, 0), bool)
+  return tuple(np.concatenate(x) for x in (scores, gold, masks))
+
+
+def subset_report(chosen, rejected, subset_ids, names) -> dict:
+  """Per-subset pairwise accuracy (RewardBench's table).
+
+  Args:
+    chosen, rejected: ``[N]`` model scores of the pairs.
+    subset_ids: ``[N]`` int indices into ``names`` (-1: no subset).
+    names: the subset names (the data iterator's ``subset_names``).
+
+  Returns:
+    ``eval_accuracy_by_subset`` and ``eval_pairs_by_subset`` (``{name:
+    value}``; pairs without a subset under ``"(none)"``) and
+    ``eval_accuracy_macro`` (the unweighted mean over subsets); ``{}``
+    when there are no pairs.
+  """
+  ids = np.asarray(subset_ids)
+  if ids.size == 0:
+    return {}
+  res = evaluation.pairwise_accuracy_by_subset(chosen, rejected, ids)
+  label = [names[i] if 0 <= i < len(names) else "(none)" for i in res.labels]
+  return {
+    "eval_accuracy_by_subset": {
+      n: float(a) for n, a in zip(label, res.accuracy, strict=True)
+    },
+    "eval_pairs_by_subset": {
+      n: int(c) for n, c in zip(label, res.counts, strict=True)
+    },
+    "eval_accuracy_macro": float(res.macro),
+  }
+
+
+def best_of_n_report(scores, gold, mask, n: int) -> dict:
+  """RewardBench-2-style best-of-``n`` accuracy on ranked lists.
+
+  A list counts when it has exactly ``n`` responses and one response with
+  the strictly highest gold score (the "chosen"); it is correct when the
+  model scores that response above the ``n - 1`` others (ties scored by
+  ``evaluation.best_of_n_accuracy``'s ``"random"`` rule). Chance is
+  ``1 / n``.
+
+  Args:
+    scores: ``[N, K]`` model scores.
+    gold: ``[N, K]`` data scores (higher is better).
+    mask: ``[N, K]`` bool, False on padding responses.
+    n: the list size (``config.eval_best_of``), ``>= 2``.
+
+  Returns:
+    ``eval_best_of_{n}_accuracy`` (NaN when no list counts),
+    ``eval_best_of_{n}_lists`` (lists counted) and
+    ``eval_best_of_{n}_skipped`` (other sizes or a tied gold best).
+  """
+  if n < 2:
+    raise ValueError(f"config.eval_best_of must be >= 2, got {n}.")
+  scores = np.asarray(scores, np.float64)
+  mask = np.asarray(mask, bool)
+  g = np.where(mask, np.asarray(gold, np.float64), -np.inf)
+  total = int(scores.shape[0])
+  if total == 0:
+    keep = np.zeros(0, bool)
+  else:
+    top = g.max(axis=1)
+    unique = np.sum(g == top[:, None], axis=1) == 1
+    keep = (mask.sum(axis=1) == n) & unique & np.isfinite(top)
+  prefix = f"eval_best_of_{n}"
+  if not keep.any():
+    return {
+      f"{prefix}_accuracy": float("nan"),
+      f"{prefix}_lists": 0,
+      f"{prefix}_skipped": total,
+    }
+  s, g, m = scores[keep], g[keep], mask[keep]
+  best = np.argmax(g, axis=1)
+  chosen = s[np.arange(len(best)), best]
+  others = m & (np.arange(s.shape[1])[None, :] != best[:, None])
+  acc = evaluation.best_of_n_accuracy(
+    chosen, np.where(others, s, np.nan), others
+  )
+  return {
+    f"{prefix}_accuracy": float(acc),
+    f"{prefix}_lists": int(keep.sum()),
+    f"{prefix}_skipped": total - int(keep.sum()),
+  }
+
+
+def calibration_report(
+  chosen, rejected, workdir, name="reward_model", *, extra=None
+):
+  """Accuracy, ECE, Brier and a reliability-diagram PNG; returns the dict.
+
+  ``extra`` (e.g. :func:`subset_report`, :func:`best_of_n_report`) is
+  merged into the report before ``eval_{name}.json`` is written.
+  """
   probs, labels = evaluation.preference_calibration_data(chosen, rejected)
   report = {
     "eval_accuracy": evaluation.pairwise_accuracy(chosen, rejected),
@@ -565,13 +706,39 @@ def calibration_report(chosen, rejected, workdir, name="reward_model"):
     "eval_brier": evaluation.brier_score(probs, labels),
     "eval_pairs": int(len(chosen)),
   }
-  if jax.process_index() == 0 and len(chosen):
-    diagram = evaluation.reliability_diagram_data(probs, labels)
-    evaluation.plot_reliability_diagram(
-      diagram, str(workdir / f"reliability_{name}.png")
-    )
+  report.update(extra or {})
+  if jax.process_index() == 0 and (len(chosen) or extra):
+    if len(chosen):
+      diagram = evaluation.reliability_diagram_data(probs, labels)
+      evaluation.plot_reliability_diagram(
+        diagram, str(workdir / f"reliability_{name}.png")
+      )
     (workdir / f"eval_{name}.json").write_text(json.dumps(report, indent=2))
   return report
+
+
+def ranked_eval_config(config):
+  """The data config of the best-of-N lists, or None when there is none.
+
+  ``config.eval_ranked_data`` when set; else ``config.eval_data`` when the
+  run trains on ranked data or the eval data is the synthetic task (whose
+  lists then hold ``config.eval_best_of`` responses).
+  """
+  n = int(config.get("eval_best_of", 0) or 0)
+  if n <= 0:
+    return None
+  cfg = config.get("eval_ranked_data", None)
+  if cfg is None:
+    cfg = config.get("eval_data", None)
+    if cfg is None:
+      return None
+    synthetic = cfg.get("source", "") == "synthetic"
+    if not synthetic and data_kind(config) != "ranked":
+      return None
+    if synthetic:
+      cfg = ml_collections.ConfigDict(cfg.to_dict())
+      cfg.max_responses = n
+  return cfg
 
 
 def with_backbone(params, backbone_params):
@@ -596,6 +763,48 @@ def with_backbone(params, backbone_params):
   out = jax.tree.map(lambda x: x, params)
   out["transformer"] = backbone_params["transformer"]
   return out
+
+
+def final_evaluation(config, params, run_, tokenizer, kind) -> dict:
+  """The held-out evaluation of :func:`run` (module docstring); writes
+  ``eval_reward_model.json`` and returns its dict (``{}``: nothing to
+  evaluate)."""
+  if kind in ("multi_objective_reward", "preference_embedding", "value"):
+    return {}
+  eval_cfg = config.get("eval_data", None)
+  eval_bs = config.get("eval_batch_size", config.batch_size)
+  max_batches = config.get("eval_batches", None)
+  score_fn = make_score_fn(run_.model.graphdef, run_.model.rest)
+  extra = {}
+  chosen = rejected = np.zeros(0)
+  if eval_cfg is not None and data_kind(config) == "preference":
+    eval_it = _data.iterator(
+      config, "preference", tokenizer, data_config=eval_cfg, batch_size=eval_bs
+    )
+    chosen, rejected, subsets = evaluate_pairs(
+      score_fn,
+      params,
+      eval_it,
+      run_,
+      max_batches=max_batches,
+      with_subsets=True,
+    )
+    if eval_it.has_subsets:
+      extra.update(
+        subset_report(chosen, rejected, subsets, eval_it.subset_names)
+      )
+  ranked_cfg = ranked_eval_config(config)
+  if ranked_cfg is not None:
+    lists = _data.iterator(
+      config, "ranked", tokenizer, data_config=ranked_cfg, batch_size=eval_bs
+    )
+    scores, gold, mask = evaluate_lists(
+      score_fn, params, lists, run_, max_batches=max_batches
+    )
+    extra.update(best_of_n_report(scores, gold, mask, int(config.eval_best_of)))
+  if not len(chosen) and not extra:
+    return {}
+  return calibration_report(chosen, rejected, run_.workdir, extra=extra)
 
 
 @_setup.in_mesh_context
@@ -648,29 +857,7 @@ def run(
     progress=config.get("progress", True),
     console_keys=("loss", "accuracy"),
   )
-  report = {}
-  eval_cfg = config.get("eval_data", None)
-  if (
-    eval_cfg is not None
-    and data_kind(config) == "preference"
-    and kind not in ("multi_objective_reward", "preference_embedding")
-  ):
-    eval_it = _data.iterator(
-      config,
-      "preference",
-      tokenizer,
-      data_config=eval_cfg,
-      batch_size=config.get("eval_batch_size", config.batch_size),
-    )
-    score_fn = make_score_fn(run_.model.graphdef, run_.model.rest)
-    chosen, rejected = evaluate_pairs(
-      score_fn,
-      state["params"],
-      eval_it,
-      run_,
-      max_batches=config.get("eval_batches", None),
-    )
-    report = calibration_report(chosen, rejected, run_.workdir)
+  report = final_evaluation(config, state["params"], run_, tokenizer, kind)
   kind_for_export = "reward" if kind == "reward" else kind
   _setup.finish(run_, state, history, kind=kind_for_export, name="reward_model")
   return state, run_, report

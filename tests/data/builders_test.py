@@ -159,6 +159,35 @@ class PublicFormatsTest(parameterized.TestCase):
 
 
 class GenericTest(parameterized.TestCase):
+  def test_subset_column_and_report(self):
+    root = fixtures.tempdir(self)
+    rows = [
+      {"prompt": "p", "chosen": "a", "rejected": "b", "cat": "chat"},
+      {"prompt": "q", "chosen": "c", "rejected": "d", "cat": 3},
+      {"prompt": "r", "chosen": "e", "rejected": "f", "cat": "chat"},
+    ]
+    path = records.write_jsonl(rows, root / "p.jsonl")
+    built = builders.build(
+      "jsonl",
+      path=path,
+      data_dir=root / "tfds",
+      options={"kind": "preference", "field_map": {"subset": "cat"}},
+    )
+    got = [r["subset"] for r in builders.open_source(built)]
+    self.assertEqual(got, ["chat", "3", "chat"])
+    self.assertTrue(built.report["has_subsets"])
+    self.assertEqual(built.report["subsets"], {"3": 1, "chat": 2})
+    # A row without a subset: the column is not complete.
+    path = records.write_jsonl(rows[:2] + [rows[2] | {"cat": None}], path)
+    built = builders.build(
+      "jsonl",
+      path=path,
+      data_dir=root / "tfds2",
+      options={"kind": "preference", "field_map": {"subset": "cat"}},
+    )
+    self.assertFalse(built.report["has_subsets"])
+    self.assertEqual(built.report["subset_rows"], 2)
+
   def test_field_map_messages_and_parquet(self):
     root = fixtures.tempdir(self)
     rows = [

@@ -83,12 +83,14 @@ def write_hh_rlhf(root: pathlib.Path):
       "prompt_messages": _mj(_msgs(("user", "Café?"))),
       "chosen": "ünïcode ok",
       "rejected": "no",
+      "subset": "harmless-base",
     },
     {
       "prompt": "\n\nHuman: What is 2+2?\n\nAssistant: ",
       "prompt_messages": _mj(_msgs(("user", "What is 2+2?"))),
       "chosen": "4.",
       "rejected": "Five, I think.",
+      "subset": "helpful-base",
     },
     {
       "prompt": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are "
@@ -98,6 +100,7 @@ def write_hh_rlhf(root: pathlib.Path):
       ),
       "chosen": "Fine, thanks.",
       "rejected": "Go away.",
+      "subset": "helpful-base",
     },
   ]
 
