@@ -226,12 +226,31 @@ _COLUMNS = (("gold_reward", "gold reward"), ("learned_reward",
             ("completion_length", "length"))
 
 
+def _rm_breakdown(rm: dict) -> str:
+  """``; per subset: easy 0.9 (n=12), ...; best-of-4 0.5 on n lists``
+  (the parts the reward-model report has)."""
+  out = ""
+  by = rm.get("eval_accuracy_by_subset") or {}
+  if by:
+    n = rm.get("eval_pairs_by_subset", {})
+    out += "; per subset: " + ", ".join(
+        f"{k} {v:.3f} (n={n.get(k, 0)})" for k, v in by.items())
+  for key, value in rm.items():
+    if key.startswith("eval_best_of_") and key.endswith("_accuracy"):
+      size = key[len("eval_best_of_"):-len("_accuracy")]
+      lists = rm.get(f"eval_best_of_{size}_lists", 0)
+      out += (f"; best-of-{size} {value:.3f} on {lists} lists "
+              f"(chance {1 / int(size):.2f})")
+  return out
+
+
 def render_report(report: dict) -> str:
   rm = report["reward_model"]
   lines = ["# Default pipeline report", "",
            f"Reward model: held-out accuracy **{rm.get('eval_accuracy', 0):.3f}**"
            f" on {rm.get('eval_pairs', 0)} pairs (chance 0.5), ECE "
-           f"{rm.get('eval_ece', 0):.3f}, Brier {rm.get('eval_brier', 0):.3f}.",
+           f"{rm.get('eval_ece', 0):.3f}, Brier {rm.get('eval_brier', 0):.3f}"
+           + _rm_breakdown(rm) + ".",
            "", "| policy | " + " | ".join(c for _, c in _COLUMNS) + " |",
            "|---" * (len(_COLUMNS) + 1) + "|"]
   for name, r in report["policies"].items():

@@ -22,7 +22,7 @@ from absl.testing import absltest
 
 from alignment import trainers
 from alignment.data import synthetic
-from alignment.trainers import _data
+from alignment.trainers import _data, pipeline
 from alignment.trainers import reward_model as rm
 from tests.trainers import _util
 
@@ -105,6 +105,31 @@ class ReportsTest(absltest.TestCase):
     self.assertEqual(empty["eval_best_of_4_lists"], 0)
     with self.assertRaisesRegex(ValueError, "eval_best_of"):
       rm.best_of_n_report(scores, gold, mask, 1)
+
+  def test_pipeline_report_line(self):
+    rm_report = {
+      "eval_accuracy": 0.75,
+      "eval_pairs": 8,
+      "eval_ece": 0.1,
+      "eval_brier": 0.2,
+      "eval_accuracy_by_subset": {"easy": 1.0, "hard": 0.5},
+      "eval_pairs_by_subset": {"easy": 4, "hard": 4},
+      "eval_best_of_4_accuracy": 0.5,
+      "eval_best_of_4_lists": 6,
+    }
+    policy = {"gold_reward": 0.5}
+    text = pipeline.render_report(
+      {
+        "reward_model": rm_report,
+        "policies": {"sft": policy, "dpo": policy, "grpo": policy},
+        "wall_seconds": 1.0,
+      }
+    )
+    self.assertIn(
+      "per subset: easy 1.000 (n=4), hard 0.500 (n=4); best-of-4 0.500 on "
+      "6 lists (chance 0.25).",
+      text,
+    )
 
   def test_synthetic_pairs_carry_their_difficulty(self):
     config = _util.load_config("reward_model", "runlocal")
