@@ -699,13 +699,15 @@ def calibration_report(
   ``extra`` (e.g. :func:`subset_report`, :func:`best_of_n_report`) is
   merged into the report before ``eval_{name}.json`` is written.
   """
-  probs, labels = evaluation.preference_calibration_data(chosen, rejected)
-  report = {
-    "eval_accuracy": evaluation.pairwise_accuracy(chosen, rejected),
-    "eval_ece": evaluation.expected_calibration_error(probs, labels),
-    "eval_brier": evaluation.brier_score(probs, labels),
-    "eval_pairs": int(len(chosen)),
-  }
+  report = {}
+  if len(chosen) or not extra:  # no pairs (ranked data): only ``extra``
+    probs, labels = evaluation.preference_calibration_data(chosen, rejected)
+    report = {
+      "eval_accuracy": evaluation.pairwise_accuracy(chosen, rejected),
+      "eval_ece": evaluation.expected_calibration_error(probs, labels),
+      "eval_brier": evaluation.brier_score(probs, labels),
+      "eval_pairs": int(len(chosen)),
+    }
   report.update(extra or {})
   if jax.process_index() == 0 and (len(chosen) or extra):
     if len(chosen):
