@@ -6,6 +6,9 @@ Structural args: ``loss=`` (policy loss), ``advantage=`` (estimator; ``gae``
 adds a critic), ``reward=`` (gold | verifier | model | ensemble):
   ... --config=configs/rl.py:loss=dapo,advantage=rloo,runlocal
   ... --config=configs/rl.py:loss=ppo,advantage=gae,runlocal
+``advantage=remax`` decodes one greedy completion per prompt as baseline;
+``arena_rank`` compares the G samples pairwise (``reward.preferences``);
+``gdpo`` takes ``reward.components`` (default ``reward`` + ``length``).
 Scalars: --config.kl.beta=0.02 --config.rl.num_generations=16 ...
 """
 
@@ -36,7 +39,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.reward = ml_collections.ConfigDict(dict(
       source=arg.reward, checkpoint="", verifier="math_answer",
       shaping=[], shaping_kwargs={}, ensemble_aggregator="mean",
-      ensemble_kwargs={}))
+      ensemble_kwargs={},
+      # gdpo: K rewards per sample (trainers._rl_inputs.COMPONENTS).
+      components=["reward", "length"] if arg.advantage == "gdpo" else [],
+      # arena_rank: pairwise verdicts from the rewards (auto | sigmoid |
+      # hard; auto = sigmoid for model/ensemble sources, hard otherwise).
+      preferences="auto", preference_temperature=1.0))
   config.kl = ml_collections.ConfigDict(dict(
       mode="loss", beta=0.04, estimator="k3", adaptive=False, target=6.0,
       horizon=10000.0))

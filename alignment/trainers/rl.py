@@ -30,14 +30,23 @@ from flax import nnx
 from alignment import advantages as adv_lib
 from alignment import losses, models, ops, rewards, sampling
 from alignment import sharding as sharding_lib
-from alignment.trainers import _data, _lm, _setup, common, policy_eval
+from alignment.trainers import (
+  _data,
+  _lm,
+  _rl_inputs,
+  _setup,
+  common,
+  policy_eval,
+)
 
 GROUP_LOSSES = ("raft", "superhf", "copg", "prdp")
 # Estimators that return one advantage per token ([N, L-1]).
 TOKEN_ESTIMATORS = ("gae", "lambda_returns", "discounted_returns",
                     "reinforce_pp")
-# Arrays compute_advantages can hand an estimator (one reward per sample).
-ADVANTAGE_INPUTS = ("rewards", "lengths", "values", "completion_mask")
+# Arrays compute_advantages can hand an estimator (one reward per sample),
+# and those `_rl_inputs` derives when an estimator names them.
+ADVANTAGE_INPUTS = ("rewards", "lengths", "values", "completion_mask",
+                    *_rl_inputs.DERIVED_INPUTS)
 IS_CORRECTIONS = ("none", "tis", "mis", "icepop")
 REWARD_SOURCES = ("gold", "verifier", "model", "ensemble")
 KL_MODES = ("none", "reward", "loss")
@@ -75,6 +84,7 @@ def _check(config):
   adv_fn = adv_lib.REGISTRY[adv_name]
   _lm.check_hyperparameters(adv_fn, ahyper, "config.advantage", adv_name)
   _check_estimator(adv_name, adv_fn, ahyper)
+  _rl_inputs.check(config, adv_name, adv_fn)
   if adv_name in TOKEN_ESTIMATORS:
     p = inspect.signature(inspect.unwrap(fn)).parameters.get("advantages")
     if p is not None and "'B T'" not in str(p.annotation):
@@ -112,10 +122,6 @@ def _check_estimator(name, fn, ahyper):
         f"config.advantage.name={name!r} needs {missing}, which the RL "
         f"trainer does not compute; it supplies {list(ADVANTAGE_INPUTS)}.")
   params = inspect.signature(inspect.unwrap(fn)).parameters
-  if "'B G K'" in str(getattr(params.get("rewards"), "annotation", "")):
-    raise ValueError(
-        f"config.advantage.name={name!r} needs K rewards per sample "
-        "([B, G, K]); the RL trainer scores one reward per sample.")
   # Unset: absent, or config_lib's None placeholder (config_lib.advantage).
   no_default = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY
                 and p.default is p.empty and ahyper.get(n) is None]
@@ -336,8 +342,12 @@ class RewardScorer:
 
 
 def compute_advantages(config, ahyper, seq_rewards, lengths, loss_mask,
-                       values=None, group=1):
-  """Advantages per sequence ``[N]`` or per position ``[N, L-1]``."""
+                       values=None, group=1, extra=None):
+  """Advantages per sequence ``[N]`` or per position ``[N, L-1]``.
+
+  ``extra``: rollout arrays an estimator may need (``baseline_rewards``
+  ``[B]``, ``reward_components`` ``[N, K]``; see ``_rl_inputs``).
+  """
   name = config.advantage.name
   fn = adv_lib.REGISTRY[name]
   n = seq_rewards.shape[0]
@@ -356,6 +366,7 @@ def compute_advantages(config, ahyper, seq_rewards, lengths, loss_mask,
   grouped = seq_rewards.reshape(n // group, group)
   avail = {"rewards": grouped,
            "lengths": lengths.reshape(n // group, group).astype(jnp.float32)}
+  avail.update(_rl_inputs.group_inputs(config, fn, grouped, group, extra))
   out = _lm.call_by_name(fn, avail, ahyper, name)
   return out.reshape(n), None
 
@@ -367,6 +378,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   """Online RL; returns ``(state, run, final_eval)``."""
   fn, hyper, ahyper = _check(config)
   del fn, hyper
+  adv_fn = adv_lib.REGISTRY[config.advantage.name]
   tokenizer = _data.tokenizer_of(config)
   task = policy_eval.task_of(config)
   use_critic = config.advantage.name == "gae"
@@ -475,8 +487,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       gold = scorer.gold(prompts_text, completions)
       lengths = jnp.sum(out.completion_mask, axis=1)
       raw_rewards = seq_rewards
-      for name in config.reward.get("shaping", ()):
-        seq_rewards = _shape(name, config, seq_rewards, lengths)
+      extra = {}
+      base = base_len = None
+      if _rl_inputs.needs_baseline(adv_fn):  # ReMax: greedy completion
+        base, base_len = _rl_inputs.greedy_baseline(
+            config, sampler, state["params"]["policy"], dev.prompt_tokens,
+            dev.prompt_mask, jax.random.fold_in(key, 2), scorer, records)
+      seq_rewards, base = _rl_inputs.shape_with_baseline(
+          lambda nm, r, ln: _shape(nm, config, r, ln),
+          config.reward.get("shaping", ()), seq_rewards, lengths, base,
+          base_len)
+      if base is not None:
+        extra["baseline_rewards"] = base
+      if _rl_inputs.needs_components(adv_fn):  # GDPO: K rewards per sample
+        extra["reward_components"], seq_rewards = \
+            _rl_inputs.reward_components(
+                config, scorer, seq_rewards, lengths, prompts_text,
+                completions, [r for r in records for _ in range(group)])
       # On-policy: the loss takes the old log-probs from its own forward.
       old_lp = None if on_policy else forward_logps(
           state["params"]["policy"], tokens, attn, loss_mask)
@@ -490,7 +517,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       old_values = values_fn(state["params"]["value"], tokens, attn) \
           if values_fn else None
       advantages, returns = compute_advantages(
-          config, ahyper, seq_rewards, lengths, loss_mask, old_values, group)
+          config, ahyper, seq_rewards, lengths, loss_mask, old_values, group,
+          extra)
       ro = Rollout(tokens, attn, loss_mask, sampler_lp, old_lp, ref_lp,
                    advantages, seq_rewards, returns, old_values)
       metrics_acc = []

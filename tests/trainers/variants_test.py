@@ -48,8 +48,6 @@ REWARD_MODEL_UNSUPPORTED = {  # with a plain (non-ensemble) reward model
   "multi_objective_regression": ["rewards", "targets"],
 }
 ADVANTAGE_UNSUPPORTED = {  # estimator -> regex of rl._check's error
-  "arena_rank": re.escape("'arena_rank' needs ['preferences']"),
-  "gdpo": re.escape("'gdpo' needs K rewards per sample ([B, G, K])"),
   "igpo": re.escape(
     "'igpo' needs ['information_gain', 'outcome_rewards', 'turn_mask']"
   ),
@@ -58,7 +56,6 @@ ADVANTAGE_UNSUPPORTED = {  # estimator -> regex of rl._check's error
   "pure_min": re.escape(
     "'pure_min' needs ['step_rewards', 'step_mask', 'step_lengths']"
   ),
-  "remax": re.escape("'remax' needs ['baseline_rewards']"),
 }
 # Losses that take one advantage per sequence ([B] only).
 SEQUENCE_ADVANTAGE_LOSSES = ("empg", "gmpo")
@@ -436,12 +433,20 @@ class PolicyVariantsTest(parameterized.TestCase):
     loss_mask = np.zeros((n, L - 1), bool)
     loss_mask[:, PROMPT - 1 : L - 3] = True
     values = jnp.zeros((n, L - 1)) if name == "gae" else None
+    # Rollout arrays of remax (greedy baseline) and gdpo (K components).
+    extra = {
+      "baseline_rewards": np.zeros(n // G, np.float32),
+      "reward_components": np.zeros((n, 2), np.float32),
+    }
     adv, returns = jax.eval_shape(
-      lambda r, ln, m, v: rl.compute_advantages(config, ahyper, r, ln, m, v, G),
+      lambda r, ln, m, v, e: rl.compute_advantages(
+        config, ahyper, r, ln, m, v, G, e
+      ),
       rng.normal(size=n).astype(np.float32),
       np.full(n, L - 3 - PROMPT + 1, np.int32),
       loss_mask,
       values,
+      extra,
     )
     token_level = name in (
       "gae",
