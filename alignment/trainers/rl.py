@@ -552,6 +552,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       })
       if gold is not None:
         metrics["gold_reward"] = float(np.mean(gold))
+      if "baseline_rewards" in extra:  # ReMax: the greedy completions'
+        metrics["baseline_reward"] = float(jnp.mean(extra["baseline_rewards"]))
       if config.kl.get("adaptive", False):
         kl_state = losses.adaptive_kl_update(
             kl_state, metrics["kl_sequence"], n,

@@ -230,6 +230,9 @@ class RunlocalTest(parameterized.TestCase):
       self.assertTrue(np.isfinite(row["loss"]), row)
     # The greedy decode runs once per iteration for remax only.
     self.assertEqual(greedy.call_count, 2 if advantage == "remax" else 0)
+    self.assertEqual(
+      all("baseline_reward" in row for row in history), advantage == "remax"
+    )
 
 
 if __name__ == "__main__":
