@@ -137,9 +137,9 @@ def render(results):
 
 
 def render_ab(results, suffix):
-  """Speed of each ``name + suffix`` relative to ``name``: per-round ratios."""
+  """Time of each ``name + suffix`` over ``name``'s: per-round ratios."""
   lines = [
-    f"| step | plain s | {suffix} s | speed-up of {suffix} (median, "
+    f"| step | plain s | {suffix} s | time {suffix} ÷ plain (median, "
     "min–max over rounds) |",
     "| --- | --- | --- | --- |",
   ]
@@ -148,7 +148,7 @@ def render_ab(results, suffix):
     if other is None:
       continue
     ratios = [
-      a / b
+      b / a
       for a, b in zip(
         r["round_medians_s"], other["round_medians_s"], strict=True
       )

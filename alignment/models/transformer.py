@@ -313,14 +313,20 @@ class Attention(nnx.Module):
       k, v = k_all[layer].astype(dtype), v_all[layer].astype(dtype)
     b, length = q.shape[:2]
     group = c.n_heads // c.n_kv_heads
+    # Head-major layouts ([B, KV, G, L, N] and [B, KV, S, N]) before the
+    # attention products: transposing q/k/v (L·N per head) instead of
+    # letting XLA transpose the scores (L·S per head) in and out.
     q = q.reshape(b, length, c.n_kv_heads, group, c.head_dim)
+    q = jnp.transpose(q, (0, 2, 3, 1, 4))
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     scores = jnp.einsum(
-      "blkgn,bskn->bkgls", q, k, preferred_element_type=jnp.float32
+      "bkgln,bksn->bkgls", q, k, preferred_element_type=jnp.float32
     )
     scores = scores * (c.head_dim**-0.5)
     scores = jnp.where(allowed[:, None, None], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgls,bskn->blkgn", probs, v)
+    out = jnp.einsum("bkgls,bksn->bkgln", probs, v)
+    out = jnp.transpose(out, (0, 3, 1, 2, 4))
     out = out.reshape(b, length, c.n_heads, c.head_dim)
     out = _linear(out, w(self.o_kernel), 2)
     if c.attn_out_bias:
