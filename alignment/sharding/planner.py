@@ -624,10 +624,12 @@ class WeightTemporaries:
     lm_head_tied: with tied embeddings, that gradient (transposed) waits
       until the embedding-lookup gradient is added to it at the end of the
       backward pass: ``2 U``, else 0.
-    unembedding_copy: with tied embeddings, ``unembedding()`` materialises
-      the transposed table ``[D, V]`` (compute dtype) for the LM head; the
-      policy's copy lives from its forward to its backward, and so does
-      the frozen reference's (computed early, it waits for its use).
+    unembedding_copy: the fused LM head reads the unembedding as ``[V, D]``
+      (``ops.fused_token_logps``): a tied table is used as stored (the two
+      transposes cancel), an untied ``lm_head [D, V]`` is materialised
+      transposed (compute dtype); the policy's copy lives from its forward
+      to its backward, and so does the frozen reference's (computed early,
+      it waits for its use).
     gathered_all: every parameter all-gathered over the batch axes
       (data/fsdp), in the compute dtype (the cast precedes the gather). An
       unrolled layer stack lets the compiler keep each layer's gathered
@@ -673,7 +675,7 @@ def weight_temporaries(
   if workload.model_kind == "causal_lm":
     lm_backward = 2 * unembed
     lm_tied = 2 * unembed if tied else 0
-    lm_copy = copy if tied else 0
+    lm_copy = 0 if tied else copy
   per_layer = (total - embed) / max(model_config.n_layers, 1)
   layer = int(min(total, 2 * per_layer + embed))
   return WeightTemporaries(
