@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -43,6 +44,27 @@ TASKS = ("dpo", "rm", "grpo")
 def _shape(task, preset):
   shapes = run_all.SHAPES[preset]
   return dict(shapes["grpo"] if task == "grpo" else shapes["pairs"])
+
+
+def _commit():
+  try:
+    out = subprocess.run(
+      ["git", "rev-parse", "--short", "HEAD"],
+      capture_output=True,
+      text=True,
+      cwd=os.path.dirname(os.path.abspath(__file__)),
+      check=False,
+    )
+    dirty = subprocess.run(
+      ["git", "status", "--porcelain", "--untracked-files=no"],
+      capture_output=True,
+      text=True,
+      cwd=os.path.dirname(os.path.abspath(__file__)),
+      check=False,
+    )
+  except OSError:
+    return None
+  return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _median(xs):
@@ -217,6 +239,8 @@ def main():
       "date": time.strftime("%Y-%m-%d %H:%M"),
       "machine": f"{platform.platform()}; os.cpu_count()={os.cpu_count()}"
       f"; jax {jax.__version__} ({jax.default_backend()})",
+      "commit": _commit(),
+      "allocator": os.environ.get("LD_PRELOAD", "") or "glibc",
       "load_average_start": load,
       "load_average_end": os.getloadavg(),
       "args": vars(args),
