@@ -36,17 +36,20 @@ def completion_token_logps(model, tokens, attention_mask, completion_mask, *,
 
   Returns:
     ``(token_logps [B, L-1], mask [B, L-1])`` and, if requested, entropy
-    ``[B, L-1]``. ``mask`` is ``completion_mask[:, 1:] & attention_mask[:, 1:]``.
+    ``[B, L-1]``. ``mask`` is ``completion_mask[:, 1:] & attention_mask[:, 1:]``;
+    log-probs and entropies are 0 (no gradient) where it is False: only
+    the scored positions are computed.
   """
   kwargs = {"attention_mask": attention_mask}
   if segment_ids is not None:
     kwargs["segment_ids"] = segment_ids
   hidden = model.hidden(tokens, **kwargs)
+  mask = jnp.logical_and(completion_mask[:, 1:], attention_mask[:, 1:])
+  # Only the scored positions go through the LM head (0 elsewhere).
   out = ops.fused_token_logps(
       hidden[:, :-1], model.unembedding(), tokens[:, 1:],
       chunk_size=chunk_size, temperature=temperature,
-      return_entropy=return_entropy)
-  mask = jnp.logical_and(completion_mask[:, 1:], attention_mask[:, 1:])
+      return_entropy=return_entropy, where=mask)
   if return_entropy:
     token_logps, entropy = out
     return token_logps, mask, entropy
@@ -209,10 +212,11 @@ def completion_forward(
       for a in _captured_outputs(intermediates, batch, length, capture)
     )
   unembedding = model.unembedding()
-  token_logps = ops.fused_token_logps(
-    hidden[:, :-1], unembedding, tokens[:, 1:], chunk_size=chunk_size
-  )
   mask = jnp.logical_and(completion_mask[:, 1:], attention_mask[:, 1:])
+  token_logps = ops.fused_token_logps(
+    hidden[:, :-1], unembedding, tokens[:, 1:], chunk_size=chunk_size,
+    where=mask,
+  )
   return CompletionForward(
     token_logps, mask, hidden[:, :-1], unembedding, activations
   )
