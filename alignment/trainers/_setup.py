@@ -15,7 +15,7 @@ from flax import nnx
 
 from alignment import models
 from alignment import sharding as sharding_lib
-from alignment.trainers import common
+from alignment.trainers import _data, common
 
 
 def rules_of(config) -> tuple:
@@ -312,3 +312,35 @@ def load_reward_model(path: str, mesh, rules, where: str):
     params, sharding_lib.state_shardings(params, mesh, rules)
   )
   return params, (graphdef, rest)
+
+
+def train_offline(
+  config, run_, loss_fn, batches, *, frozen, name: str, console_keys
+):
+  """Compiles ``loss_fn``'s train step and runs it over ``batches``.
+
+  The offline trainers' shared loop (SFT, preference, reward model): exact
+  gradient accumulation over ``config.microbatches``, the state donated and
+  kept in its shardings, checkpoints and metrics through
+  `common.train_loop`. Returns ``(state, history)``.
+  """
+  step = common.make_train_step(
+    loss_fn, run_.tx, num_microbatches=config.get("microbatches", 1)
+  )
+  jitted = jax.jit(
+    step, out_shardings=(run_.state_shardings, None), donate_argnums=(0,)
+  )
+  return common.train_loop(
+    step_fn=jitted,
+    state=run_.state,
+    frozen=frozen,
+    batches=_data.device_batches(batches, run_),
+    total_steps=config.total_steps,
+    workdir=run_.workdir,
+    checkpointer=run_.checkpointer,
+    name=name,
+    log_every=config.get("log_every", 1),
+    data_state_fn=batches.get_state,
+    progress=config.get("progress", True),
+    console_keys=console_keys,
+  )

@@ -41,7 +41,7 @@ from flax import nnx
 
 from alignment import losses, models, ops
 from alignment import sharding as sharding_lib
-from alignment.trainers import _data, _lm, _setup, common
+from alignment.trainers import _data, _lm, _setup
 
 # Arrays a trainer can supply without extra models.
 _PAIRED = (
@@ -761,24 +761,8 @@ def run(
   loss_fn, _, _ = make_loss_fn(
     run_.model.graphdef, run_.model.rest, config, guidance=guidance
   )
-  step = common.make_train_step(
-    loss_fn, run_.tx, num_microbatches=config.get("microbatches", 1)
-  )
-  jitted = jax.jit(
-    step, out_shardings=(run_.state_shardings, None), donate_argnums=(0,)
-  )
-  state, history = common.train_loop(
-    step_fn=jitted,
-    state=run_.state,
-    frozen=frozen,
-    batches=_data.device_batches(batches, run_),
-    total_steps=config.total_steps,
-    workdir=run_.workdir,
-    checkpointer=run_.checkpointer,
-    name="preference",
-    log_every=config.get("log_every", 1),
-    data_state_fn=batches.get_state,
-    progress=config.get("progress", True),
+  state, history = _setup.train_offline(
+    config, run_, loss_fn, batches, frozen=frozen, name="preference",
     console_keys=("loss", "reward_accuracy"),
   )
   _setup.finish(run_, state, history, kind="causal_lm", name="preference")

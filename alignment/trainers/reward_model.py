@@ -55,7 +55,7 @@ import numpy as np
 from flax import nnx
 
 from alignment import evaluation, losses, models, ops
-from alignment.trainers import _data, _lm, _setup, common
+from alignment.trainers import _data, _lm, _setup
 
 _GAUSSIAN = ("gaussian_bt", "gaussian_bt_sampled")
 _GAUSSIAN_ENSEMBLE = ("brme",)
@@ -839,24 +839,8 @@ def run(
   if run_.data_state:
     batches.set_state(run_.data_state)
   loss_fn = make_loss_fn(run_.model.graphdef, run_.model.rest, config)
-  step = common.make_train_step(
-    loss_fn, run_.tx, num_microbatches=config.get("microbatches", 1)
-  )
-  jitted = jax.jit(
-    step, out_shardings=(run_.state_shardings, None), donate_argnums=(0,)
-  )
-  state, history = common.train_loop(
-    step_fn=jitted,
-    state=run_.state,
-    frozen=None,
-    batches=_data.device_batches(batches, run_),
-    total_steps=config.total_steps,
-    workdir=run_.workdir,
-    checkpointer=run_.checkpointer,
-    name="reward_model",
-    log_every=config.get("log_every", 1),
-    data_state_fn=batches.get_state,
-    progress=config.get("progress", True),
+  state, history = _setup.train_offline(
+    config, run_, loss_fn, batches, frozen=None, name="reward_model",
     console_keys=("loss", "accuracy"),
   )
   report = final_evaluation(config, state["params"], run_, tokenizer, kind)

@@ -1,12 +1,11 @@
 """Supervised fine-tuning: token-mean NLL on completion tokens."""
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
 from alignment import ops
-from alignment.trainers import _data, _lm, _setup, common
+from alignment.trainers import _data, _lm, _setup
 
 
 def make_loss_fn(graphdef, rest, *, chunk_size: int):
@@ -36,16 +35,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   batches = _data.iterator(config, "sft", tokenizer, run_)
   loss_fn = make_loss_fn(run_.model.graphdef, run_.model.rest,
                          chunk_size=config.get("logps_chunk_size", 2048))
-  step = common.make_train_step(loss_fn, run_.tx,
-                                num_microbatches=config.get("microbatches", 1))
-  jitted = jax.jit(step, out_shardings=(run_.state_shardings, None),
-                   donate_argnums=(0,))
-  state, history = common.train_loop(
-      step_fn=jitted, state=run_.state, frozen=None,
-      batches=_data.device_batches(batches, run_), total_steps=
-      config.total_steps, workdir=run_.workdir,
-      checkpointer=run_.checkpointer, name="sft",
-      log_every=config.get("log_every", 1), data_state_fn=batches.get_state,
-      progress=config.get("progress", True), console_keys=("loss",))
+  state, history = _setup.train_offline(
+      config, run_, loss_fn, batches, frozen=None, name="sft",
+      console_keys=("loss",))
   _setup.finish(run_, state, history, kind="causal_lm", name="sft")
   return state, run_
