@@ -10,6 +10,13 @@ head that its inputs need; on the synthetic data the per-response score
 columns hold the task's gold reward (BT regression targets, scaled-BT
 magnitudes, ties):
   ... --config=configs/reward_model.py:variant=brme,members=2,runlocal
+``multi_objective_regression`` (SteerLM / DPA / ArmoRM attribute regression)
+trains K = len(reward_model.direction) heads on per-response attribute
+ratings: on the synthetic data the task rates ``ATTRIBUTES`` (gold reward,
+vowel fraction, distinct-letter fraction, with rater noise); the eval
+scalarises the heads with ``direction`` (here the gold head alone) for
+pairwise accuracy and reports per-attribute RMSE / Pearson:
+  ... --config=configs/reward_model.py:variant=multi_objective_regression,runlocal
 """
 
 import ml_collections
@@ -31,7 +38,16 @@ VARIANTS = {
   "adaptive_margin": ("bt_adaptive_margin", "heads"),
   # SCAN: step MC scores (the step labels), outcome (the last step's label).
   "prm_scan": ("prm_scan", None),
+  # rewards/targets/target_mask: K heads regress the per-response
+  # chosen_ratings / rejected_ratings columns (ATTRIBUTES on synthetic data).
+  "multi_objective_regression": ("multi_objective_regression", None),
 }
+# multi_objective_regression on the synthetic task: the attributes its
+# pairs are rated on (synthetic.ATTRIBUTES) and the fixed weights that
+# scalarise the K heads for pairwise accuracy (the gold-reward head, so
+# the accuracy compares with the other objectives').
+ATTRIBUTES = ("gold", "vowels", "distinct")
+ATTRIBUTE_WEIGHTS = (1.0, 0.0, 0.0)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -64,6 +80,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                      max_completion_len=256, shuffle=False,
                                      task_seed=1, num_examples=512)
   config.eval_data.num_epochs = 1
+  if arg.loss == "multi_objective_regression":
+    config.reward_model.direction = list(ATTRIBUTE_WEIGHTS)
+    for block in (config.data, config.eval_data):
+      block.task.attributes = list(ATTRIBUTES)
   config.eval_batches = 16
   # RewardBench-2-style best-of-4 on lists of 4 responses: the synthetic
   # eval task draws them with gold rewards (else set eval_ranked_data to a

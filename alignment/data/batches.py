@@ -33,7 +33,10 @@ class PreferenceBatch(NamedTuple):
   ``chosen_score`` / ``rejected_score`` ``[B]`` optional per-response scores
   (ratings or a gold reward; reward-model regression targets);
   ``subset_id`` ``[B]`` int32 optional category of each pair (an index into
-  the iterator's ``subset_names``, e.g. RewardBench-style subsets).
+  the iterator's ``subset_names``, e.g. RewardBench-style subsets);
+  ``chosen_ratings`` / ``rejected_ratings`` ``[B, K]`` optional per-response
+  attribute ratings (HelpSteer-style; NaN where a response is unrated;
+  multi-attribute reward-model regression targets).
   """
 
   chosen_tokens: np.ndarray
@@ -49,6 +52,8 @@ class PreferenceBatch(NamedTuple):
   chosen_score: np.ndarray | None = None
   rejected_score: np.ndarray | None = None
   subset_id: np.ndarray | None = None
+  chosen_ratings: np.ndarray | None = None
+  rejected_ratings: np.ndarray | None = None
 
 
 class UnpairedBatch(NamedTuple):

@@ -104,6 +104,8 @@ _SCHEMA = {
   "chosen_score": _FLOAT,
   "rejected_score": _FLOAT,
   "subset": _TEXT,
+  "chosen_ratings": _FLOATS,
+  "rejected_ratings": _FLOATS,
   "label": _BOOL,
   "responses": _TEXTS,
   "scores": _FLOATS,
@@ -287,6 +289,8 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.policy = rec.ErrorPolicy(on_error, what=self.name)
     self.counts = collections.Counter()
     self.subset_counts = collections.Counter()
+    self.num_ratings = None  # K of the rows' attribute ratings
+    self._ratings_source = ""
     config = tfds.core.BuilderConfig(name=config_name or "default")
     super().__init__(
       data_dir=data_dir, config=config, file_format="array_record", **kwargs
@@ -403,10 +407,31 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           if self.kind == "preference" and full["subset"]:
             self.counts["subset_rows"] += 1
             self.subset_counts[full["subset"]] += 1
+          if self.kind == "preference" and full["chosen_ratings"]:
+            try:
+              self._count_ratings(full)
+            except RowError as e:
+              self.policy.handle(e, name, line)
+              continue
           yield key, full
           key += 1
     self.counts["rows_written"] = key
     self.policy.log_summary()
+
+  def _count_ratings(self, row: dict):
+    """Counts a row with attribute ratings; every such row of a build has
+    the same number K (RowError ``bad_value`` otherwise)."""
+    k = len(row["chosen_ratings"])
+    if self.num_ratings is None:
+      self.num_ratings, self._ratings_source = k, row["source"]
+    elif k != self.num_ratings:
+      raise RowError(
+        "bad_value",
+        "chosen_ratings",
+        f"{k} ratings per response, but the first rated row "
+        f"({self._ratings_source}) has {self.num_ratings}",
+      )
+    self.counts["ratings_rows"] += 1
 
   def _complete(self, row: dict) -> dict:
     out = {}
@@ -415,6 +440,8 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         out[f] = row[f]
       elif f in ("margin", "chosen_score", "rejected_score"):
         out[f] = float("nan")
+      elif f in ("chosen_ratings", "rejected_ratings"):
+        out[f] = []
       elif f in ("prompt_messages", "answer", "solution", "subset"):
         out[f] = ""
       elif f == "metadata":
@@ -454,6 +481,13 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         and self.counts["subset_rows"] == self.counts["rows_written"]
       )
       r["subsets"] = dict(sorted(self.subset_counts.items()))
+      r["ratings_rows"] = self.counts["ratings_rows"]
+      r["has_ratings"] = (
+        self.counts["rows_written"] > 0
+        and self.counts["ratings_rows"] == self.counts["rows_written"]
+      )
+      r["num_ratings"] = self.num_ratings or 0
+      r["ratings_source"] = self._ratings_source
     return r
 
 
@@ -1206,6 +1240,7 @@ def convert_generic(
     subset = get("subset", (str, int), optional=True)
     if subset is not None and str(subset):
       row["subset"] = str(subset)
+    row.update(_ratings(raw, path))
   elif kind == "unpaired":
     text, implicit = _completion_value(
       get("completion", (str, list)), path("completion")
@@ -1289,6 +1324,48 @@ def convert_generic(
   row["prompt"] = text
   row["prompt_messages"] = rec.messages_json(msgs)
   return row
+
+
+def _ratings(raw: Mapping, path) -> dict:
+  """Optional per-response attribute ratings of a preference row.
+
+  ``chosen_ratings`` / ``rejected_ratings`` (through ``path``, the field
+  map): both or none, lists of the same length K >= 1 of numbers; null or
+  NaN marks an unrated attribute (kept as NaN, masked by the trainer),
+  +-inf is a ``bad_value``.
+  """
+  names = ("chosen_ratings", "rejected_ratings")
+  given = {
+    f: v
+    for f in names
+    if (v := get_field(raw, path(f), list, optional=True)) is not None
+  }
+  if len(given) == 1:
+    (have,) = given
+    other = names[1] if have == names[0] else names[0]
+    raise RowError("missing_field", path(other), f"{have} is given")
+  out = {}
+  for f, values in given.items():
+    if not values:
+      raise RowError("bad_value", path(f), "empty list (K must be >= 1)")
+    out[f] = []
+    for i, v in enumerate(values):
+      where = f"{path(f)}[{i}]"
+      x = float("nan") if v is None else float(rec.check_type(v, float, where))
+      if math.isinf(x):
+        raise RowError(
+          "bad_value",
+          where,
+          f"not finite: {v!r} (null or NaN marks an unrated attribute)",
+        )
+      out[f].append(x)
+  if given and len(out[names[0]]) != len(out[names[1]]):
+    raise RowError(
+      "bad_value",
+      path(names[1]),
+      f"{len(out[names[1]])} ratings, but {names[0]} has {len(out[names[0]])}",
+    )
+  return out
 
 
 class Generic(_Builder):
@@ -1418,8 +1495,10 @@ def build(
     ``rows_written``, ``skipped`` (per kind), ``dropped`` and, for
     preference data, ``has_margin`` and ``has_scores`` (every row has a
     margin / per-response ``chosen_score`` and ``rejected_score``),
-    ``has_subsets`` (every row names a ``subset``) and ``subsets``
-    (``{name: rows}``).
+    ``has_subsets`` (every row names a ``subset``), ``subsets``
+    (``{name: rows}``), ``has_ratings`` (every row has attribute ratings),
+    ``num_ratings`` (their K; 0: none) and ``ratings_source`` (the first
+    rated row's ``file:line``).
 
   Concurrency: each build writes into a private temporary directory under
   ``data_dir`` and is renamed into place, so concurrent builders of the same

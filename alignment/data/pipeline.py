@@ -297,6 +297,10 @@ class _Source(NamedTuple):
   has_scores: bool = False
   # Sorted subset names when every preference row names one, else ().
   subsets: tuple = ()
+  # K when every preference row has attribute ratings, else 0; and the
+  # first rated row's "file:line" (for errors).
+  num_ratings: int = 0
+  ratings_source: str = ""
 
 
 class _ConvertedRows(Sequence):
@@ -440,6 +444,10 @@ def load_rows(data_config, kind: str) -> _Source:
     tuple(sorted(built.report.get("subsets", {})))
     if built.report.get("has_subsets")
     else (),
+    int(built.report.get("num_ratings", 0))
+    if built.report.get("has_ratings")
+    else 0,
+    str(built.report.get("ratings_source", "")),
   )
 
 
@@ -580,6 +588,8 @@ def _process(
       "chosen_score": float(row.get("chosen_score", float("nan"))),
       "rejected_score": float(row.get("rejected_score", float("nan"))),
       "subset": str(row.get("subset", "") or ""),
+      "chosen_ratings": list(row.get("chosen_ratings") or ()),
+      "rejected_ratings": list(row.get("rejected_ratings") or ()),
       "index": index,
       "tp": tp,
       "tc": tc1 or tc2,
@@ -708,6 +718,7 @@ def _collate(
       [e["rejected"] for e in ex], [e["plen"] for e in ex], length
     )
     margin = chosen_score = rejected_score = subset_id = None
+    chosen_ratings = rejected_ratings = None
     if extras.get("has_margin"):
       margin = np.asarray([e["margin"] for e in ex], np.float32)
     if extras.get("has_scores"):
@@ -716,6 +727,11 @@ def _collate(
     if extras.get("subsets"):
       ids = {name: i for i, name in enumerate(extras["subsets"])}
       subset_id = np.asarray([ids.get(e["subset"], -1) for e in ex], np.int32)
+    if extras.get("num_ratings"):
+      chosen_ratings = np.asarray([e["chosen_ratings"] for e in ex], np.float32)
+      rejected_ratings = np.asarray(
+        [e["rejected_ratings"] for e in ex], np.float32
+      )
     ref_c = ref_r = None
     if extras.get("ref") is not None:
       chosen_lp, rejected_lp, have = extras["ref"]
@@ -744,6 +760,8 @@ def _collate(
       chosen_score,
       rejected_score,
       subset_id,
+      chosen_ratings,
+      rejected_ratings,
     )
   if kind == "unpaired":
     n = len(ex)
@@ -885,6 +903,7 @@ class DataIterator:
       "has_margin": source_info.has_margin,
       "has_scores": source_info.has_scores,
       "subsets": tuple(source_info.subsets) if kind == "preference" else (),
+      "num_ratings": source_info.num_ratings if kind == "preference" else 0,
       "ref": ref,
     }
     self._info = source_info
@@ -1153,6 +1172,18 @@ class DataIterator:
     return tuple(self._extras["subsets"])
 
   @property
+  def num_ratings(self) -> int:
+    """K of the ``chosen_ratings`` / ``rejected_ratings`` ``[B, K]`` that
+    preference batches carry (0: none; every row of the source must have
+    them)."""
+    return int(self._extras["num_ratings"])
+
+  @property
+  def ratings_source(self) -> str:
+    """``file:line`` of the source's first row with ratings ("": none)."""
+    return self._info.ratings_source
+
+  @property
   def has_subsets(self) -> bool:
     """Preference batches carry ``subset_id``."""
     return bool(self._extras["subsets"])
@@ -1271,10 +1302,22 @@ def make_iterator(
     )
     names = [str(r.get("subset", "") or "") for r in canon]
     subsets = tuple(sorted(set(names))) if names and all(names) else ()
+    num_ratings, ratings_source = _rows_ratings(canon)
     fp = hashlib.sha256(
       json.dumps(canon, sort_keys=True, default=str).encode()
     ).hexdigest()[:16]
-    info = _Source(canon, kind, "rows", {}, has_margin, fp, has_scores, subsets)
+    info = _Source(
+      canon,
+      kind,
+      "rows",
+      {},
+      has_margin,
+      fp,
+      has_scores,
+      subsets,
+      num_ratings,
+      ratings_source,
+    )
   else:
     info = load_rows(s, kind)
   ref = None
@@ -1295,6 +1338,37 @@ def make_iterator(
     source_info=info,
     ref=ref,
   )
+
+
+def _rows_ratings(canon: Sequence[Mapping]) -> tuple[int, str]:
+  """``(K, first rated row's source)`` of in-memory preference rows: K when
+  every row has ``chosen_ratings`` / ``rejected_ratings``, else 0.
+
+  Raises:
+    DataError: naming the row and field where a row's K differs from the
+      first rated row's, or its two responses have different K.
+  """
+  k, first, every = 0, "", bool(canon)
+  for r in canon:
+    c = r.get("chosen_ratings") or ()
+    j = r.get("rejected_ratings") or ()
+    if not c and not j:
+      every = False
+      continue
+    file, _, line = str(r["source"]).rpartition(":")
+    for field, n in (("chosen_ratings", len(c)), ("rejected_ratings", len(j))):
+      if not k:
+        k, first = n, r["source"]
+      if n != k:
+        raise DataError(
+          f"{n} ratings per response, but the first rated row ({first}) "
+          f"has {k}",
+          kind="bad_value",
+          file=file,
+          line=int(line) if line.isdigit() else None,
+          field=field,
+        )
+  return (k if every else 0), first
 
 
 def _maker(kind: str) -> Callable[..., DataIterator]:

@@ -10,7 +10,9 @@ kind       fields (besides ``prompt``, ``prompt_messages``,  batch
 sft        ``completion``                                     SFTBatch
 preference ``chosen``, ``rejected``, ``margin``,               PreferenceBatch
            ``chosen_score``, ``rejected_score`` (NaN: none),
-           ``subset`` (a category name; "": none)
+           ``subset`` (a category name; "": none),
+           ``chosen_ratings``, ``rejected_ratings`` (K
+           attribute ratings each, NaN: unrated; []: none)
 unpaired   ``completion``, ``label`` (bool)                   UnpairedBatch
 ranked     ``responses`` [K], ``scores`` [K]                  RankedBatch
 step       ``steps`` [S], ``step_labels`` [S] in [0, 1]       StepBatch
@@ -80,6 +82,8 @@ KIND_FIELDS = {
     "chosen_score",
     "rejected_score",
     "subset",
+    "chosen_ratings",
+    "rejected_ratings",
   ),
   "unpaired": ("prompt", "prompt_messages", "completion", "label", "source"),
   "ranked": ("prompt", "prompt_messages", "responses", "scores", "source"),

@@ -24,6 +24,22 @@ policy fine-tuned on it starts at a gold reward of about
 pairs are labelled by the gold reward with Bradley–Terry noise:
 ``P(y1 ≻ y2) = σ((r*(y1) - r*(y2)) / temperature)``.
 
+Attribute ratings (multi-objective reward models). With ``attributes`` set,
+every preference row also carries ``chosen_ratings`` / ``rejected_ratings``:
+one rating per named attribute of each response (the HelpSteer-style
+per-response ratings that SteerLM / DPA / ArmoRM regress on), each the
+attribute's exact value plus Gaussian noise of std ``rating_noise`` (a
+rater's noise; the gold reward itself stays noise-free). The attributes
+(:data:`ATTRIBUTES`), all in ``[0, 1]`` on the first ``K`` characters:
+
+* ``gold``: the gold reward r*(x, y) (the "helpfulness" that labels pairs);
+* ``in_prompt``: the fraction of letters that occur in the prompt (a
+  prompt-dependent "correctness"; chance for a model that ignores it);
+* ``distinct``: distinct letters / K (a "complexity" / diversity);
+* ``vowels``: the fraction of vowels (a surface "style" attribute);
+* ``length``: ``min(len(y), K) / K`` (a "verbosity"; 1 for every
+  demonstration, informative on sampled completions).
+
 Everything is a pure function of the seed (NumPy ``Generator``).
 """
 
@@ -37,6 +53,9 @@ PROMPT_END = ">"
 RULES = ("first_half", "prompt_half", "in_prompt")
 # Gold-reward gap from which a pair is "easy" (LettersTask.difficulty).
 EASY_GAP = 0.25
+#: Rateable attributes of a response (module docstring).
+ATTRIBUTES = ("gold", "in_prompt", "distinct", "vowels", "length")
+_VOWELS = frozenset("aeiou")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +67,20 @@ class LettersTask:
   p_in: float = 0.3
   label_temperature: float = 0.1
   rule: str = "first_half"
+  # Attribute ratings of preference rows (module docstring); () for none.
+  attributes: tuple[str, ...] = ()
+  rating_noise: float = 0.05
 
   def __post_init__(self):
+    attrs = tuple(self.attributes or ())
+    object.__setattr__(self, "attributes", attrs)
+    bad = [a for a in attrs if a not in ATTRIBUTES]
+    if bad or len(set(attrs)) != len(attrs):
+      raise ValueError(f"LettersTask.attributes must be distinct names from "
+                       f"{ATTRIBUTES}, got {list(attrs)}.")
+    if not self.rating_noise >= 0:
+      raise ValueError("LettersTask.rating_noise must be >= 0, got "
+                       f"{self.rating_noise}.")
     if self.rule not in RULES:
       raise ValueError(f"LettersTask.rule must be one of {RULES}, got "
                        f"{self.rule!r}.")
@@ -99,8 +130,9 @@ class LettersTask:
 
     Returns rows ``{"prompt", "chosen", "rejected", "gold_chosen",
     "gold_rejected", "subset"}`` (``subset``: :meth:`difficulty` of the
-    gold gap); the chosen side is drawn with probability
-    ``σ((r*(a) - r*(b)) / label_temperature)``.
+    gold gap) and, with ``attributes``, ``chosen_ratings`` /
+    ``rejected_ratings`` (:meth:`ratings`); the chosen side is drawn with
+    probability ``σ((r*(a) - r*(b)) / label_temperature)``.
     """
     rng = np.random.default_rng([seed, 2])
     ga = self.gold_rewards(prompts, completions_a)
@@ -115,7 +147,37 @@ class LettersTask:
       rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
                    "gold_chosen": float(g_c), "gold_rejected": float(g_r),
                    "subset": self.difficulty(g_c - g_r)})
+    if self.attributes:
+      # Its own stream: the pairs and labels are those of a task without
+      # ratings.
+      noise = np.random.default_rng([seed, 6])
+      for row in rows:
+        for side in ("chosen", "rejected"):
+          row[f"{side}_ratings"] = [
+              float(x) for x in self.ratings(row["prompt"], row[side], noise)]
     return rows
+
+  def attribute_values(self, prompt: str, completion: str) -> np.ndarray:
+    """Exact values of ``attributes`` (module docstring), float64 ``[K]``."""
+    n = self.completion_len
+    head = completion[:n]
+    prompt_set = set(self.prompt_letters(prompt))
+    value = {
+        "gold": lambda: self.gold_reward(prompt, completion),
+        "in_prompt": lambda: sum(c in prompt_set for c in head) / n,
+        "distinct": lambda: len(set(head)) / n,
+        "vowels": lambda: sum(c in _VOWELS for c in head) / n,
+        "length": lambda: len(head) / n,
+    }
+    return np.asarray([value[a]() for a in self.attributes], np.float64)
+
+  def ratings(self, prompt: str, completion: str,
+              rng: np.random.Generator) -> np.ndarray:
+    """:meth:`attribute_values` plus N(0, ``rating_noise``²) rater noise."""
+    exact = self.attribute_values(prompt, completion)
+    if self.rating_noise == 0:
+      return exact
+    return exact + self.rating_noise * rng.standard_normal(exact.shape)
 
   def preference_pairs(self, n: int, seed: int) -> list[dict]:
     """Pairs of two demonstrations per prompt, labelled by :meth:`label_pairs`.

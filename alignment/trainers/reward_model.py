@@ -8,7 +8,10 @@ Each objective is paired with the head that produces its inputs:
 * Gaussian / uncertainty-aware objectives → ``GaussianRewardModel``;
   ``brme`` → ``config.ensemble.num_members`` stacked Gaussian members
   (``[M, B]`` means and log-variances);
-* ``multi_objective`` → ``MultiObjectiveRewardModel``;
+* ``multi_objective`` (BT on ``direction``-scalarised rewards) and
+  ``multi_objective_regression`` (SteerLM / DPA / ArmoRM attribute
+  regression) → ``MultiObjectiveRewardModel`` with ``K =
+  len(config.reward_model.direction)`` heads, no gating;
 * ``gpm`` → ``PreferenceEmbeddingModel``;
 * ``plackett_luce`` → ``RewardModel`` on ranked lists;
 * ``prm_*`` → ``ValueModel`` read at the step-end tokens (process RMs).
@@ -23,7 +26,14 @@ outputs, preference batches supply, when the data has the columns:
   score gap) is exactly 0;
 * ``chosen_targets`` / ``rejected_targets`` (BT + regression): the
   per-response ``chosen_score`` / ``rejected_score`` columns (the synthetic
-  task fills them with its gold reward).
+  task fills them with its gold reward);
+* ``rewards`` / ``targets`` / ``target_mask`` ``[2B, K]``
+  (``multi_objective_regression``): both responses of every pair are
+  regression rows (chosen rows first), ``targets`` the per-response
+  ``chosen_ratings`` / ``rejected_ratings`` columns, ``target_mask`` False
+  where a rating is NaN (unrated). Their K must equal the head's (checked
+  at start, naming the data's first rated row); the synthetic task emits
+  them with ``data.task.attributes``.
 
 Step batches supply ``step_mc_scores`` (the step labels, Monte-Carlo
 success rates), ``outcome_correct`` (the last step's label > 0.5: no
@@ -44,6 +54,16 @@ above the N - 1 others; chance 1/N). The lists come from
 ``config.eval_ranked_data``, else from ``config.eval_data`` when it is
 ranked data or the synthetic task (which then draws N responses per prompt
 with their gold rewards).
+
+A multi-objective head is scored for all of these by the fixed-weight
+scalarisation ``Σ_k v_k r_k`` with ``v = config.reward_model.direction``
+(ArmoRM-style fixed weights, DPA's direction; not normalised). With
+``multi_objective_regression`` and rated eval pairs the report adds, per
+attribute (names: ``config.reward_model.attributes``, else the synthetic
+task's ``attributes``), the RMSE and Pearson correlation of the predicted
+ratings over every rated held-out response (chosen and rejected):
+``eval_rmse_by_attribute``, ``eval_pearson_by_attribute``,
+``eval_rated_by_attribute`` and the pooled ``eval_rating_rmse``.
 """
 
 import json
@@ -62,8 +82,9 @@ _GAUSSIAN_ENSEMBLE = ("brme",)
 _RANKED = ("plackett_luce",)
 _STEP = ("prm_hard", "prm_soft", "prm_scan")
 _ENSEMBLES = ("ensemble_heads", "ensemble_stacked")
+_MULTI_OBJECTIVE = ("multi_objective", "multi_objective_regression")
 # Optional columns of preference data that feed extra objective inputs.
-DATA_COLUMNS = ("margin", "scores")
+DATA_COLUMNS = ("margin", "scores", "ratings")
 
 
 def model_kind(config) -> tuple[str, dict]:
@@ -92,9 +113,9 @@ def model_kind(config) -> tuple[str, dict]:
     }
   if name in _GAUSSIAN:
     kind, kwargs = "gaussian_reward", {}
-  elif name == "multi_objective":
+  elif name in _MULTI_OBJECTIVE:
     kind = "multi_objective_reward"
-    kwargs = {"num_objectives": len(config.reward_model.direction)}
+    kwargs = {"num_objectives": num_objectives(config)}
   elif name == "gpm":
     kind = "preference_embedding"
     kwargs = {"embed_dim": config.reward_model.get("embed_dim", 8)}
@@ -116,6 +137,42 @@ def model_kind(config) -> tuple[str, dict]:
       "ensemble=none (or loss=brme for a Gaussian ensemble)."
     )
   return kind, kwargs
+
+
+def num_objectives(config) -> int:
+  """K of a multi-objective head: ``len(config.reward_model.direction)``."""
+  direction = list(config.reward_model.direction)
+  if not direction:
+    raise ValueError(
+      "config.reward_model.direction is empty; it needs one weight per "
+      "objective (K >= 1)."
+    )
+  return len(direction)
+
+
+def check_num_ratings(config, batches, what: str = "config.data") -> None:
+  """Fails when the data's attribute ratings do not match the head's K.
+
+  Only for ``multi_objective_regression`` on data with ratings (a missing
+  column is :func:`check_inputs`' error).
+
+  Raises:
+    ValueError: naming both K, the config key and the data's first rated
+      row (``file:line``).
+  """
+  if config.loss.name != "multi_objective_regression":
+    return
+  n = int(getattr(batches, "num_ratings", 0) or 0)
+  k = num_objectives(config)
+  if n and n != k:
+    raise ValueError(
+      f"{what} carries {n} ratings per response (fields 'chosen_ratings'/"
+      f"'rejected_ratings', first rated row "
+      f"{getattr(batches, 'ratings_source', '') or '?'}), but "
+      f"config.reward_model.direction has K={k} entries (one per attribute "
+      "head of config.loss.name='multi_objective_regression'); make them "
+      "agree."
+    )
 
 
 def data_kind(config) -> str:
@@ -140,7 +197,9 @@ def supplied_arrays(config, columns=DATA_COLUMNS) -> tuple[str, ...]:
     config: the run config (``loss.name``, ``ensemble``, ``reward_model``).
     columns: the optional data columns the batches carry, a subset of
       :data:`DATA_COLUMNS` (``"margin"``: a preference-strength column;
-      ``"scores"``: per-response ``chosen_score`` / ``rejected_score``).
+      ``"scores"``: per-response ``chosen_score`` / ``rejected_score``;
+      ``"ratings"``: per-response ``chosen_ratings`` / ``rejected_ratings``,
+      K attribute ratings each).
 
   Returns:
     The array names, for the head of :func:`model_kind` on the data of
@@ -175,6 +234,8 @@ def supplied_arrays(config, columns=DATA_COLUMNS) -> tuple[str, ...]:
     out += ["ensemble_chosen_rewards", "ensemble_rejected_rewards"]
   if kind == "multi_objective_reward":
     out.append("direction")
+    if "ratings" in columns:
+      out += ["rewards", "targets", "target_mask"]
   if "margin" in columns:
     out.append("margin")
   if "margin" in columns or "scores" in columns:
@@ -196,8 +257,10 @@ _HINTS = {
   " the data (e.g. data.source='synthetic', or a jsonl field_map)",
   "ensemble_chosen_rewards": "an ensemble: config.ensemble.kind='heads' or "
   "'stacked' (config arg ensemble=heads,members=M)",
-  "rewards": "per-response attribute ratings ([B, K] targets), which no "
-  "data kind of alignment.data carries",
+  "rewards": "per-response attribute ratings: 'chosen_ratings'/"
+  "'rejected_ratings' columns (K floats each) in the data (e.g. "
+  "data.source='synthetic' with data.task.attributes, or a jsonl "
+  "field_map) and a multi-objective head (loss=multi_objective_regression)",
 }
 _HINTS["rejected_targets"] = _HINTS["chosen_targets"]
 _HINTS["ensemble_rejected_rewards"] = _HINTS["ensemble_chosen_rewards"]
@@ -303,16 +366,30 @@ def head_kind(model) -> str:
   )
 
 
-def make_score_fn(graphdef, rest):
+def make_score_fn(graphdef, rest, *, direction=None):
   """``score(params, tokens, attention_mask) -> [B]`` (see
-  :func:`scalar_score`)."""
+  :func:`scalar_score`); with ``direction`` ``[K]``, a multi-objective
+  head scores ``rewards @ direction`` (fixed-weight scalarisation)."""
 
   def score(params, tokens, attention_mask):
     model = nnx.merge(graphdef, params, rest)
     out = model(tokens, attention_mask=attention_mask)
+    if direction is not None and isinstance(out, models.MultiObjective):
+      return out.rewards @ jnp.asarray(direction, jnp.float32)
     return scalar_score(out, head_kind(model))
 
   return score
+
+
+def make_attribute_fn(graphdef, rest):
+  """``attributes(params, tokens, attention_mask) -> [B, K]``: the
+  per-objective rewards of a multi-objective head."""
+
+  def attributes(params, tokens, attention_mask):
+    model = nnx.merge(graphdef, params, rest)
+    return model(tokens, attention_mask=attention_mask).rewards
+
+  return attributes
 
 
 def scalar_score(out, kind: str):
@@ -354,9 +431,21 @@ def column_arrays(batch) -> dict:
   ``margin`` (the column); ``chosen_targets`` / ``rejected_targets`` (the
   ``chosen_score`` / ``rejected_score`` columns); ``magnitude`` =
   ``|margin|``, else ``|chosen_score - rejected_score|``; ``ties`` where
-  that strength (signed) is exactly 0. Absent columns give no entry.
+  that strength (signed) is exactly 0; ``targets`` ``[2B, K]`` (the
+  ``chosen_ratings`` rows, then the ``rejected_ratings`` rows; 0 where
+  unrated) and ``target_mask`` (False where a rating is NaN). Absent
+  columns give no entry.
   """
   out = {}
+  c_ratings = getattr(batch, "chosen_ratings", None)
+  r_ratings = getattr(batch, "rejected_ratings", None)
+  if c_ratings is not None and r_ratings is not None:
+    ratings = jnp.concatenate(
+      [jnp.asarray(c_ratings, jnp.float32), jnp.asarray(r_ratings, jnp.float32)]
+    )
+    rated = jnp.isfinite(ratings)
+    out["targets"] = jnp.where(rated, ratings, 0.0)
+    out["target_mask"] = rated
   margin = batch.margin
   chosen = getattr(batch, "chosen_score", None)
   rejected = getattr(batch, "rejected_score", None)
@@ -407,6 +496,7 @@ def make_loss_fn(graphdef, rest, config):
   rm_cfg = config.get("reward_model", {})
   noise_samples = int(rm_cfg.get("noise_samples", 1))
   self_confidence = float(rm_cfg.get("self_confidence", 1.0))
+  regression = name == "multi_objective_regression"
 
   def pairwise(params, frozen, batch, rng):
     del frozen
@@ -437,6 +527,19 @@ def make_loss_fn(graphdef, rest, config):
       )
       chosen_score = c.rewards @ direction
       rejected_score = r.rewards @ direction
+      if regression:  # 2B regression rows: chosen, then rejected
+        check_inputs(config, batch_columns(batch))
+        avail["rewards"] = jnp.concatenate([c.rewards, r.rewards])
+        loss, _ = _lm.call_by_name(fn, avail, hyper, name)
+        mask = jnp.concatenate([batch.example_mask, batch.example_mask])
+        rated = avail["target_mask"]
+        mask = jnp.logical_and(mask, jnp.any(rated, axis=-1))
+        wm = ops.aggregate_sequence_loss(loss, mask)
+        metrics = _pair_metrics(wm, chosen_score, rejected_score, batch)
+        sq = jnp.square(avail["rewards"] - avail["targets"])
+        used = jnp.logical_and(rated, mask[:, None])
+        metrics["rating_rmse"] = jnp.sqrt(ops.masked_mean(sq, used))
+        return wm, metrics
     elif mkind == "preference_embedding":
       avail.update(chosen_embeddings=c, rejected_embeddings=r)
       chosen_score = _gpm_score(c, r)
@@ -532,11 +635,24 @@ def _pair_metrics(wm, chosen_score, rejected_score, batch):
   }
 
 
+def batch_columns(batch) -> tuple[str, ...]:
+  """The :data:`DATA_COLUMNS` a ``PreferenceBatch`` carries (not None)."""
+  have = {
+    "margin": batch.margin is not None,
+    "scores": batch.chosen_score is not None
+    and batch.rejected_score is not None,
+    "ratings": batch.chosen_ratings is not None
+    and batch.rejected_ratings is not None,
+  }
+  return tuple(c for c in DATA_COLUMNS if have[c])
+
+
 def data_columns(batches) -> tuple[str, ...]:
   """The :data:`DATA_COLUMNS` a data iterator's batches carry."""
   have = {
     "margin": getattr(batches, "has_margin", False),
     "scores": getattr(batches, "has_scores", False),
+    "ratings": bool(getattr(batches, "num_ratings", 0)),
   }
   return tuple(c for c in DATA_COLUMNS if have[c])
 
@@ -575,6 +691,135 @@ def evaluate_pairs(
   else:
     out = tuple(np.concatenate(x) for x in (chosen, rejected, subsets))
   return out if with_subsets else out[:2]
+
+
+def evaluate_attribute_pairs(
+  attribute_fn, params, batches, mesh_run, *, max_batches=None
+):
+  """Predicted attributes of held-out pairs and their ratings.
+
+  Returns:
+    A dict of NumPy arrays over the real rows: ``chosen`` / ``rejected``
+    ``[N, K]`` predictions, ``chosen_ratings`` / ``rejected_ratings``
+    ``[N, K]`` (NaN: unrated; None when the batches carry no ratings) and
+    int ``subset_id`` ``[N]`` (-1 where the batches carry none).
+  """
+  jitted = jax.jit(attribute_fn)
+  got = {k: [] for k in ("chosen", "rejected", "c_ratings", "r_ratings")}
+  subsets, rated = [], True
+  for i, host in enumerate(batches):
+    if max_batches is not None and i >= max_batches:
+      break
+    batch = _data.device_batch(host, mesh_run)
+    keep = np.asarray(host.example_mask, bool)
+    for side in ("chosen", "rejected"):
+      tokens = getattr(batch, f"{side}_tokens")
+      attn = getattr(batch, f"{side}_attention_mask")
+      got[side].append(np.asarray(jitted(params, tokens, attn))[keep])
+    ratings = (host.chosen_ratings, host.rejected_ratings)
+    rated = rated and ratings[0] is not None and ratings[1] is not None
+    if rated:
+      got["c_ratings"].append(np.asarray(ratings[0], np.float64)[keep])
+      got["r_ratings"].append(np.asarray(ratings[1], np.float64)[keep])
+    sid = getattr(host, "subset_id", None)
+    if sid is None:
+      sid = np.full(keep.shape, -1, np.int32)
+    subsets.append(np.asarray(sid, np.int32)[keep])
+  if not subsets:
+    empty = np.zeros((0, 0))
+    return {
+      "chosen": empty,
+      "rejected": empty,
+      "chosen_ratings": None,
+      "rejected_ratings": None,
+      "subset_id": np.zeros(0, np.int32),
+    }
+  cat = {k: np.concatenate(v) if v else None for k, v in got.items()}
+  return {
+    "chosen": cat["chosen"],
+    "rejected": cat["rejected"],
+    "chosen_ratings": cat["c_ratings"] if rated else None,
+    "rejected_ratings": cat["r_ratings"] if rated else None,
+    "subset_id": np.concatenate(subsets),
+  }
+
+
+def attribute_report(predictions, ratings, names) -> dict:
+  """Per-attribute RMSE and Pearson correlation of predicted ratings.
+
+  Args:
+    predictions: ``[M, K]`` predicted attribute ratings (every rated
+      response: chosen and rejected rows).
+    ratings: ``[M, K]`` the data's ratings, NaN where unrated (ignored).
+    names: the K attribute names.
+
+  Returns:
+    ``eval_rmse_by_attribute`` / ``eval_pearson_by_attribute`` /
+    ``eval_rated_by_attribute`` (``{name: value}``; NaN RMSE without a
+    rated response, NaN correlation with fewer than 2 or a constant
+    side) and ``eval_rating_rmse`` (over every rated entry, the square
+    root of the regression objective's mean).
+  """
+  pred = np.asarray(predictions, np.float64)
+  gold = np.asarray(ratings, np.float64)
+  if pred.shape != gold.shape or pred.ndim != 2:
+    raise ValueError(
+      f"predictions {pred.shape} and ratings {gold.shape} must both be [M, K]."
+    )
+  if len(names) != pred.shape[1]:
+    raise ValueError(f"{len(names)} names for K={pred.shape[1]} attributes.")
+  rated = np.isfinite(gold)
+  rmse, pearson, count = {}, {}, {}
+  for k, name in enumerate(names):
+    p, g = pred[rated[:, k], k], gold[rated[:, k], k]
+    count[name] = int(len(g))
+    rmse[name] = float(np.sqrt(np.mean((p - g) ** 2))) if len(g) else np.nan
+    if len(g) >= 2 and p.std() > 0 and g.std() > 0:
+      pc, gc = p - p.mean(), g - g.mean()
+      pearson[name] = float(
+        np.sum(pc * gc) / np.sqrt(np.sum(pc**2) * np.sum(gc**2))
+      )
+    else:
+      pearson[name] = float("nan")
+  errors = (pred - np.where(rated, gold, 0.0))[rated]
+  return {
+    "eval_rmse_by_attribute": rmse,
+    "eval_pearson_by_attribute": pearson,
+    "eval_rated_by_attribute": count,
+    "eval_rating_rmse": float(np.sqrt(np.mean(errors**2)))
+    if errors.size
+    else float("nan"),
+  }
+
+
+def attribute_names(config) -> list[str]:
+  """Names of a multi-objective head's K attributes.
+
+  ``config.reward_model.attributes`` when set, else the synthetic task's
+  ``attributes`` (eval data, then training data) when there are K of
+  them, else ``attribute_0`` ... ``attribute_{K-1}``.
+
+  Raises:
+    ValueError: when ``config.reward_model.attributes`` does not name K.
+  """
+  k = num_objectives(config)
+  given = list(config.reward_model.get("attributes", None) or [])
+  if given:
+    if len(given) != k:
+      raise ValueError(
+        f"config.reward_model.attributes names {len(given)} attributes, "
+        f"but config.reward_model.direction has K={k} entries."
+      )
+    return [str(a) for a in given]
+  for key in ("eval_data", "data"):
+    cfg = config.get(key, None)
+    if cfg is None or cfg.get("source", "") != "synthetic":
+      continue
+    task = cfg.get("task", None) or {}
+    names = list(task.get("attributes", None) or [])
+    if len(names) == k:
+      return [str(a) for a in names]
+  return [f"attribute_{i}" for i in range(k)]
 
 
 def evaluate_lists(score_fn, params, batches, mesh_run, *, max_batches=None):
@@ -771,26 +1016,58 @@ def final_evaluation(config, params, run_, tokenizer, kind) -> dict:
   """The held-out evaluation of :func:`run` (module docstring); writes
   ``eval_reward_model.json`` and returns its dict (``{}``: nothing to
   evaluate)."""
-  if kind in ("multi_objective_reward", "preference_embedding", "value"):
+  if kind in ("preference_embedding", "value"):
     return {}
   eval_cfg = config.get("eval_data", None)
   eval_bs = config.get("eval_batch_size", config.batch_size)
   max_batches = config.get("eval_batches", None)
-  score_fn = make_score_fn(run_.model.graphdef, run_.model.rest)
+  direction = None
+  if kind == "multi_objective_reward":
+    direction = np.asarray(config.reward_model.direction, np.float64)
+  score_fn = make_score_fn(
+    run_.model.graphdef, run_.model.rest, direction=direction
+  )
   extra = {}
   chosen = rejected = np.zeros(0)
   if eval_cfg is not None and data_kind(config) == "preference":
     eval_it = _data.iterator(
       config, "preference", tokenizer, data_config=eval_cfg, batch_size=eval_bs
     )
-    chosen, rejected, subsets = evaluate_pairs(
-      score_fn,
-      params,
-      eval_it,
-      run_,
-      max_batches=max_batches,
-      with_subsets=True,
-    )
+    if direction is None:
+      chosen, rejected, subsets = evaluate_pairs(
+        score_fn,
+        params,
+        eval_it,
+        run_,
+        max_batches=max_batches,
+        with_subsets=True,
+      )
+    else:  # one pass: the K attributes, scalarised on the host
+      check_num_ratings(config, eval_it, "config.eval_data")
+      pairs = evaluate_attribute_pairs(
+        make_attribute_fn(run_.model.graphdef, run_.model.rest),
+        params,
+        eval_it,
+        run_,
+        max_batches=max_batches,
+      )
+      k = len(direction)  # (0, 0) arrays when there are no batches
+      chosen = pairs["chosen"].reshape(-1, k).astype(np.float64) @ direction
+      rejected = pairs["rejected"].reshape(-1, k).astype(np.float64) @ direction
+      subsets = pairs["subset_id"]
+      if (
+        config.loss.name == "multi_objective_regression"
+        and pairs["chosen_ratings"] is not None
+      ):
+        extra.update(
+          attribute_report(
+            np.concatenate([pairs["chosen"], pairs["rejected"]]),
+            np.concatenate(
+              [pairs["chosen_ratings"], pairs["rejected_ratings"]]
+            ),
+            attribute_names(config),
+          )
+        )
     if eval_it.has_subsets:
       extra.update(
         subset_report(chosen, rejected, subsets, eval_it.subset_names)
@@ -825,6 +1102,9 @@ def run(
   # and a missing one must fail before the model is built.
   batches = _data.iterator(config, data_kind(config), tokenizer)
   check_inputs(config, data_columns(batches))
+  check_num_ratings(config, batches)
+  if kind == "multi_objective_reward":
+    attribute_names(config)  # a bad attributes list fails at start
   init = None
   if backbone_params is not None:
     init = lambda sharded: with_backbone(sharded.params, backbone_params)  # noqa: E731
@@ -840,7 +1120,12 @@ def run(
     batches.set_state(run_.data_state)
   loss_fn = make_loss_fn(run_.model.graphdef, run_.model.rest, config)
   state, history = _setup.train_offline(
-    config, run_, loss_fn, batches, frozen=None, name="reward_model",
+    config,
+    run_,
+    loss_fn,
+    batches,
+    frozen=None,
+    name="reward_model",
     console_keys=("loss", "accuracy"),
   )
   report = final_evaluation(config, state["params"], run_, tokenizer, kind)

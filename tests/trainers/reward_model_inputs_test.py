@@ -48,6 +48,7 @@ HEADS = {  # variant -> model kind
   "brme": "ensemble_stacked",
   "adaptive_margin": "ensemble_heads",
   "prm_scan": "value",
+  "multi_objective_regression": "multi_objective_reward",
 }
 _TMP = None
 
@@ -109,7 +110,9 @@ class VariantsTest(parameterized.TestCase):
     )
     columns = rm.data_columns(batches)
     if rm.data_kind(config) == "preference":
-      self.assertEqual(columns, ("scores",))  # the synthetic gold reward
+      # The synthetic gold reward; attribute ratings when the task rates.
+      rated = variant == "multi_objective_regression"
+      self.assertEqual(columns, ("scores", "ratings") if rated else ("scores",))
     rm.check_inputs(config, columns)  # the start check of rm.run
     graphdef, params, rest = _abstract(kind, **kwargs)
     step = common.make_train_step(rm.make_loss_fn(graphdef, rest, config), TX)
@@ -221,7 +224,6 @@ class InputsTest(absltest.TestCase):
 class RefusalsTest(absltest.TestCase):
   def test_no_data_can_feed_it_fails_in_loss_spec(self):
     cases = {
-      "multi_objective_regression": r"\['rewards', 'targets'\].*attribute",
       "bt_adaptive_margin": r"\['ensemble_chosen_rewards', "
       r"'ensemble_rejected_rewards'\].*ensemble=heads",
     }
@@ -241,13 +243,14 @@ class RefusalsTest(absltest.TestCase):
       ("scaled_bt", ["magnitude"]),
       ("bt_ties_rao_kupper", ["ties"]),
       ("bt_ties_davidson", ["ties"]),
+      ("multi_objective_regression", ["rewards", "targets"]),
     ):
       config = _config(f"loss={name},runlocal")
       rm.loss_spec(config)  # some data can feed it
       with self.assertRaisesRegex(
         ValueError,
         re.escape(f"'{name}' needs arrays {missing}")
-        + r".*with columns \[\].*chosen_score",
+        + r".*with columns \[\].*(chosen_score|chosen_ratings)",
       ):
         rm.check_inputs(config, ())
     # A margin column alone feeds scaled BT and the ties models.
