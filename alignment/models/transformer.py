@@ -18,8 +18,8 @@ of real tokens (``cumsum(attention_mask) - 1``, restarting at every segment),
 so left-padded prompts get the positions an unpadded prompt would.
 
 KV cache: :meth:`Transformer.init_cache` returns a `KVCache`; calling the
-model with ``cache=...`` writes the new keys/values at each row's next slot
-(``cache.index``) and returns ``(hidden, new_cache)``. The same call serves
+model with ``cache=...`` writes the new keys/values at the next slot
+(``cache.index``, shared by all rows) and returns ``(hidden, new_cache)``. The same call serves
 prefill (``L`` prompt tokens) and decoding (``L = 1``).
 """
 
@@ -37,8 +37,8 @@ from alignment.models.config import ModelConfig
 from alignment.models.partitioning import constrain
 
 BATCH_LENGTH_EMBED = ("batch", "length", "embed")
-CACHE_AXES = ("layers", "batch", "length", "kv_heads", "kv")
-"""Logical axes of `KVCache.k` / `KVCache.v`."""
+CACHE_AXES = ("batch", "kv_heads", "length", "kv")
+"""Logical axes of each layer's keys and values in a `KVCache`."""
 
 _MASK_VALUE = float(np.finfo(np.float32).min)
 
@@ -46,18 +46,25 @@ _MASK_VALUE = float(np.finfo(np.float32).min)
 class KVCache(NamedTuple):
   """Per-layer keys and values of the tokens seen so far.
 
+  Keys and values are stored head-major, one buffer per layer: a decode
+  step updates one slot of each buffer in place and attends over it with
+  no copy or transpose of the cache (a stacked ``[layers, ...]`` buffer in
+  ``[B, S, KV, N]`` order cost a slice and a transpose of every layer's
+  cache at every step).
+
   Attributes:
-    k: ``[n_layers, B, S, KV, N]`` keys (after RoPE / QK-norm).
-    v: ``[n_layers, B, S, KV, N]`` values.
+    k: ``n_layers`` arrays ``[B, KV, S, N]``: keys (after RoPE / QK-norm).
+    v: ``n_layers`` arrays ``[B, KV, S, N]``: values.
     key_positions: ``[B, S]`` int32 position id of each cached token; ``-1``
       marks empty slots and padding (never attended to).
-    index: ``[B]`` int32, the next slot each row writes to.
+    index: int32 scalar, the next slot (the same for every row: rows
+      differ only in which slots hold padding, i.e. ``key_positions``).
   """
 
-  k: Float[Array, "layers B S KV N"]
-  v: Float[Array, "layers B S KV N"]
+  k: tuple[Float[Array, "B KV S N"], ...]
+  v: tuple[Float[Array, "B KV S N"], ...]
   key_positions: Int[Array, "B S"]
-  index: Int[Array, "B"]
+  index: Int[Array, ""]
 
 
 def init_cache(
@@ -68,8 +75,9 @@ def init_cache(
   Args:
     config: the model's config.
     batch: rows (B).
-    max_len: cache slots (S): prompt plus generated tokens must fit
-      (writes past the last slot are dropped).
+    max_len: cache slots (S): prompt plus generated tokens must fit (a
+      chunk longer than the cache is an error; the caller keeps
+      ``index + length <= max_len`` when decoding, as `Sampler` does).
     dtype: storage dtype of keys/values; defaults to ``config.dtype``.
 
   Returns:
@@ -80,12 +88,12 @@ def init_cache(
       f"batch and max_len must be >= 1, got {batch} and {max_len}."
     )
   dtype = jnp.dtype(config.dtype if dtype is None else dtype)
-  shape = (config.n_layers, batch, max_len, config.n_kv_heads, config.head_dim)
+  shape = (batch, config.n_kv_heads, max_len, config.head_dim)
   return KVCache(
-    k=jnp.zeros(shape, dtype),
-    v=jnp.zeros(shape, dtype),
+    k=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers)),
+    v=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers)),
     key_positions=jnp.full((batch, max_len), -1, jnp.int32),
-    index=jnp.zeros((batch,), jnp.int32),
+    index=jnp.zeros((), jnp.int32),
   )
 
 
@@ -278,12 +286,12 @@ class Attention(nnx.Module):
       cos: RoPE table [B, L, rotary_dim] (None for learned positions).
       sin: same.
       allowed: bool [B, L, S]: query i may attend key j.
-      cache: None, or ``(k_all, v_all, layer, slots)``: the stacked cache
-        buffers ``[n_layers, B, S, KV, N]``, this block's layer index and
-        the ``[B, L]`` slots the new keys/values are written to.
+      cache: None, or ``(k_cache, v_cache, index)``: this layer's cache
+        buffers ``[B, KV, S, N]`` and the first slot (int32 scalar) the
+        ``L`` new keys/values are written to.
 
     Returns:
-      ``(out [B, L, D], (k_all, v_all) updated, or None)``.
+      ``(out [B, L, D], (k_cache, v_cache) updated, or None)``.
     """
     c = self.config
     dtype = jnp.dtype(c.dtype)
@@ -303,22 +311,26 @@ class Attention(nnx.Module):
     q = constrain(q, ("batch", "length", "heads", "kv"))
     k = constrain(k, ("batch", "length", "kv_heads", "kv"))
     v = constrain(v, ("batch", "length", "kv_heads", "kv"))
-    new_kv = None
-    if cache is not None:
-      k_all, v_all, layer, slots = cache
-      rows = jnp.broadcast_to(jnp.arange(slots.shape[0])[:, None], slots.shape)
-      k_all = k_all.at[layer, rows, slots].set(k.astype(k_all.dtype))
-      v_all = v_all.at[layer, rows, slots].set(v.astype(v_all.dtype))
-      new_kv = (k_all, v_all)
-      k, v = k_all[layer].astype(dtype), v_all[layer].astype(dtype)
-    b, length = q.shape[:2]
-    group = c.n_heads // c.n_kv_heads
     # Head-major layouts ([B, KV, G, L, N] and [B, KV, S, N]) before the
     # attention products: transposing q/k/v (L·N per head) instead of
     # letting XLA transpose the scores (L·S per head) in and out.
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    new_kv = None
+    if cache is not None:
+      k_cache, v_cache, index = cache
+      start = (0, 0, index, 0)
+      k_cache = jax.lax.dynamic_update_slice(
+        k_cache, k.astype(k_cache.dtype), start
+      )
+      v_cache = jax.lax.dynamic_update_slice(
+        v_cache, v.astype(v_cache.dtype), start
+      )
+      new_kv = (k_cache, v_cache)
+      k, v = k_cache.astype(dtype), v_cache.astype(dtype)
+    b, length = q.shape[:2]
+    group = c.n_heads // c.n_kv_heads
     q = q.reshape(b, length, c.n_kv_heads, group, c.head_dim)
     q = jnp.transpose(q, (0, 2, 3, 1, 4))
-    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     scores = jnp.einsum(
       "bkgln,bksn->bkgls", q, k, preferred_element_type=jnp.float32
     )
@@ -534,13 +546,19 @@ class Transformer(nnx.Module):
         allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None])
       key_positions = positions
     else:
-      q_slot = cache.index[:, None] + jnp.arange(length)[None]
-      rows = jnp.broadcast_to(jnp.arange(b)[:, None], q_slot.shape)
-      new_key_positions = cache.key_positions.at[rows, q_slot].set(
-        jnp.where(attention_mask, positions, -1)
+      if length > cache.key_positions.shape[1]:
+        raise ValueError(
+          f"a chunk of {length} tokens does not fit a KV cache of "
+          f"{cache.key_positions.shape[1]} slots (model.init_cache)."
+        )
+      q_slot = cache.index + jnp.arange(length)
+      new_key_positions = jax.lax.dynamic_update_slice(
+        cache.key_positions,
+        jnp.where(attention_mask, positions, -1),
+        (0, cache.index),
       )
       k_slot = jnp.arange(cache.key_positions.shape[1])
-      allowed = (k_slot[None, None, :] <= q_slot[:, :, None]) & (
+      allowed = (k_slot[None, None, :] <= q_slot[None, :, None]) & (
         new_key_positions[:, None, :] >= 0
       )
       key_positions = new_key_positions
@@ -549,14 +567,14 @@ class Transformer(nnx.Module):
         positions[:, :, None] - key_positions[:, None, :] < c.sliding_window
       )
 
-    if cache is not None:
-      k_all, v_all = cache.k, cache.v
-      slots = cache.index[:, None] + jnp.arange(length)[None]
+    new_k, new_v = [], []
     for i, block in enumerate(self.layers):
       if cache is not None:
-        x, (k_all, v_all) = block(
-          x, cos, sin, allowed, (k_all, v_all, i, slots)
+        x, (k_i, v_i) = block(
+          x, cos, sin, allowed, (cache.k[i], cache.v[i], cache.index)
         )
+        new_k.append(k_i)
+        new_v.append(v_i)
       elif c.remat:
         x = nnx.remat(_block_forward)(block, x, cos, sin, allowed)
       else:
@@ -565,8 +583,8 @@ class Transformer(nnx.Module):
     if cache is None:
       return x
     new_cache = KVCache(
-      k=k_all,
-      v=v_all,
+      k=tuple(new_k),
+      v=tuple(new_v),
       key_positions=new_key_positions,
       index=cache.index + length,
     )

@@ -11,9 +11,9 @@ size, see ``Sampler(cache_segment=...)``): the cost of a step follows the
 length generated so far instead of ``max_new_tokens``.
 
 On a mesh the KV cache is placed by the logical-axis rules: keys and values
-``[layers, N, S, KV, head_dim]`` by ``models.CACHE_AXES`` (rows over the
-``batch`` rule, i.e. data x fsdp; KV heads over ``kv_heads``, i.e. tensor,
-where it divides them), positions ``[N, S]`` and indices ``[N]`` by
+(one ``[N, KV, S, head_dim]`` buffer per layer) by ``models.CACHE_AXES``
+(rows over the ``batch`` rule, i.e. data x fsdp; KV heads over
+``kv_heads``, i.e. tensor, where it divides them), positions ``[N, S]`` by
 ``batch``. The mesh and rules are those of the context
 (`alignment.sharding.activation_context`, which every trainer enters), or
 the ``mesh``/``rules`` given to `Sampler`.
@@ -149,17 +149,18 @@ def _grow(cache, grown):
 
 def constrain_cache(cache: KVCache) -> KVCache:
   """Places a `KVCache` by its logical axes (a no-op without a mesh and
-  rules in context): keys/values by ``CACHE_AXES`` (``layers, batch,
-  length, kv_heads, kv``), positions by ``(batch, length)``, the next-slot
-  indices by ``batch``. A mesh axis that does not divide a dimension (e.g.
-  tensor=4 with 2 KV heads) is left out for it."""
+  rules in context): each layer's keys/values by ``CACHE_AXES``
+  (``batch, kv_heads, length, kv``), positions by ``(batch, length)``. A
+  mesh axis that does not divide a dimension (e.g. tensor=4 with 2 KV
+  heads) is left out for it."""
+  place = lambda x: partitioning.constrain(x, CACHE_AXES)  # noqa: E731
   return KVCache(
-    k=partitioning.constrain(cache.k, CACHE_AXES),
-    v=partitioning.constrain(cache.v, CACHE_AXES),
+    k=tuple(map(place, cache.k)),
+    v=tuple(map(place, cache.v)),
     key_positions=partitioning.constrain(
       cache.key_positions, ("batch", "length")
     ),
-    index=partitioning.constrain(cache.index, ("batch",)),
+    index=cache.index,
   )
 
 

@@ -724,24 +724,25 @@ def prefill_bytes(model_config, workload: Workload, mesh, rules) -> int:
 def kv_cache_bytes(model_config, workload: Workload, mesh, rules) -> int:
   """Per-device bytes of the sampler's KV cache (grpo; 0 otherwise).
 
-  ``2 x n_layers x (B·G) x L x KV x N`` in the compute dtype, split along
-  ``batch`` and ``kv_heads`` by the rule table (``models.CACHE_AXES``).
+  ``2 x n_layers`` buffers ``(B·G) x KV x L x N`` in the compute dtype,
+  split along ``batch`` and ``kv_heads`` by the rule table
+  (``models.CACHE_AXES``).
   """
   if workload.trainer != "grpo":
     return 0
   c = model_config
   rows = workload.batch_rows
-  shape = (c.n_layers, rows, workload.seq_len, c.n_kv_heads, c.head_dim)
+  shape = (rows, c.n_kv_heads, workload.seq_len, c.head_dim)
   spec = rules_lib.logical_to_spec(
-    ("layers", "batch", "length", "kv_heads", "kv"), rules, mesh
+    ("batch", "kv_heads", "length", "kv"), rules, mesh
   )
   spec = partition._fit_spec(shape, spec, mesh, "kv_cache")  # noqa: SLF001
   sharding = NamedSharding(mesh, spec)
-  per = shard_bytes(shape, jnp.dtype(c.dtype), sharding)
+  per = c.n_layers * shard_bytes(shape, jnp.dtype(c.dtype), sharding)
   positions = shard_bytes(
     (rows, workload.seq_len),
     jnp.int32,
-    NamedSharding(mesh, P(*tuple(spec)[1:2])),
+    NamedSharding(mesh, P(*tuple(spec)[:1])),
   )
   return 2 * per + positions
 
@@ -1114,7 +1115,7 @@ def compile_step(model_config, workload: Workload, mesh, rules, *, tx=None):
 
 def compile_kv_cache(model_config, workload: Workload, mesh, rules):
   """``memory_analysis()`` of the sampler's prefill: its output is the
-  ``[n_layers, B·G, L, KV, N]`` KV cache, sharded by the rule table."""
+  ``n_layers`` KV buffers ``[B·G, KV, L, N]``, sharded by the rule table."""
   from alignment import models  # noqa: PLC0415
 
   setup = abstract_setup(model_config, "causal_lm", mesh, rules)
@@ -1127,17 +1128,17 @@ def compile_kv_cache(model_config, workload: Workload, mesh, rules):
     ),
   )
   kv_shape = (
-    model_config.n_layers,
     rows,
-    length,
     model_config.n_kv_heads,
+    length,
     model_config.head_dim,
   )
+  kv_shardings = (spec(models.CACHE_AXES, kv_shape),) * model_config.n_layers
   cache_shardings = models.KVCache(
-    k=spec(models.CACHE_AXES, kv_shape),
-    v=spec(models.CACHE_AXES, kv_shape),
+    k=kv_shardings,
+    v=kv_shardings,
     key_positions=spec(("batch", "length"), (rows, length)),
-    index=spec(("batch",), (rows,)),
+    index=NamedSharding(mesh, jax.sharding.PartitionSpec()),
   )
   tok_sharding = partition.batch_sharding(mesh, rules, 2)
 

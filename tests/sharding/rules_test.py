@@ -102,7 +102,7 @@ class RuleCoverageTest(parameterized.TestCase):
       RULES,
       AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor")),
     )
-    self.assertEqual(tuple(spec), (None, ("data", "fsdp"), None, "tensor"))
+    self.assertEqual(tuple(spec), (("data", "fsdp"), "tensor"))
 
 
 def _sft_step_memory(mesh):
