@@ -9,6 +9,11 @@ adds a critic), ``reward=`` (gold | verifier | model | ensemble):
 ``advantage=remax`` decodes one greedy completion per prompt as baseline;
 ``arena_rank`` compares the G samples pairwise (``reward.preferences``);
 ``gdpo`` takes ``reward.components`` (default ``reward`` + ``length``).
+Process credit: ``pure_min`` needs ``--config.reward.process_model=<PRM
+workdir>`` (a reward-model run with ``loss=prm_hard``); ``igpo`` scores
+turns (completion segments) by the gain in the policy's probability of the
+record's answer; ``prime`` trains an implicit PRM online
+(``reward.implicit_prm``).
 Scalars: --config.kl.beta=0.02 --config.rl.num_generations=16 ...
 """
 
@@ -44,7 +49,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       components=["reward", "length"] if arg.advantage == "gdpo" else [],
       # arena_rank: pairwise verdicts from the rewards (auto | sigmoid |
       # hard; auto = sigmoid for model/ensemble sources, hard otherwise).
-      preferences="auto", preference_temperature=1.0))
+      preferences="auto", preference_temperature=1.0,
+      # pure_min / igpo (trainers._rl_process): steps (turns) are segments
+      # of the completion ending at step_separator ("auto": "" = one step
+      # per token for synthetic data, "\n" otherwise); max_steps S (0:
+      # rl.max_new_tokens; more steps are merged into the last).
+      step_separator="auto", max_steps=0,
+      # pure_min: workdir of a reward-model run with loss prm_hard,
+      # prm_soft or prm_scan; verifiable_rewards adds the scalar reward
+      # (reward.source) on the last step.
+      process_model="", verifiable_rewards=False,
+      # igpo: the record field holding the ground-truth answer.
+      answer_key="answer",
+      # prime: implicit PRM (a copy of the reference, updated online with
+      # BCE(σ(β Σ_t log π_φ/π_ref), outcome > threshold)); verl recipe
+      # defaults.
+      implicit_prm=dict(beta=0.05, learning_rate=1e-6, weight_decay=0.0,
+                        grad_clip_norm=1.0, threshold=0.5, update="before",
+                        norm="batch_norm")))
   config.kl = ml_collections.ConfigDict(dict(
       mode="loss", beta=0.04, estimator="k3", adaptive=False, target=6.0,
       horizon=10000.0))
@@ -62,6 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.rl.num_generations = 4
     config.rl.max_new_tokens = 9
     config.optimizer.learning_rate = 1e-4
+    config.reward.implicit_prm.learning_rate = 1e-4
   return config
 
 

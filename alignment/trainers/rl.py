@@ -34,6 +34,7 @@ from alignment.trainers import (
   _data,
   _lm,
   _rl_inputs,
+  _rl_process,
   _setup,
   common,
   policy_eval,
@@ -44,9 +45,9 @@ GROUP_LOSSES = ("raft", "superhf", "copg", "prdp")
 TOKEN_ESTIMATORS = ("gae", "lambda_returns", "discounted_returns",
                     "reinforce_pp")
 # Arrays compute_advantages can hand an estimator (one reward per sample),
-# and those `_rl_inputs` derives when an estimator names them.
+# and those `_rl_inputs` / `_rl_process` derive when an estimator names them.
 ADVANTAGE_INPUTS = ("rewards", "lengths", "values", "completion_mask",
-                    *_rl_inputs.DERIVED_INPUTS)
+                    *_rl_inputs.DERIVED_INPUTS, *_rl_process.DERIVED_INPUTS)
 IS_CORRECTIONS = ("none", "tis", "mis", "icepop")
 REWARD_SOURCES = ("gold", "verifier", "model", "ensemble")
 KL_MODES = ("none", "reward", "loss")
@@ -85,7 +86,8 @@ def _check(config):
   _lm.check_hyperparameters(adv_fn, ahyper, "config.advantage", adv_name)
   _check_estimator(adv_name, adv_fn, ahyper)
   _rl_inputs.check(config, adv_name, adv_fn)
-  if adv_name in TOKEN_ESTIMATORS:
+  _rl_process.check(config, adv_name)
+  if adv_name in TOKEN_ESTIMATORS + _rl_process.PROCESS_ESTIMATORS:
     p = inspect.signature(inspect.unwrap(fn)).parameters.get("advantages")
     if p is not None and "'B T'" not in str(p.annotation):
       raise ValueError(
@@ -346,11 +348,16 @@ def compute_advantages(config, ahyper, seq_rewards, lengths, loss_mask,
   """Advantages per sequence ``[N]`` or per position ``[N, L-1]``.
 
   ``extra``: rollout arrays an estimator may need (``baseline_rewards``
-  ``[B]``, ``reward_components`` ``[N, K]``; see ``_rl_inputs``).
+  ``[B]``, ``reward_components`` ``[N, K]``; see ``_rl_inputs``; the
+  process estimators' steps, step rewards, information gains or implicit
+  rewards, see ``_rl_process``).
   """
   name = config.advantage.name
   fn = adv_lib.REGISTRY[name]
   n = seq_rewards.shape[0]
+  if name in _rl_process.PROCESS_ESTIMATORS:  # [N, L-1] per token
+    return _rl_process.token_advantages(
+        config, fn, ahyper, seq_rewards, loss_mask, group, extra or {}), None
   if name in TOKEN_ESTIMATORS:
     # Sequence reward on the last completion token.
     last = jnp.argmax(jnp.cumsum(loss_mask, axis=1), axis=1)
@@ -374,8 +381,13 @@ def compute_advantages(config, ahyper, seq_rewards, lengths, loss_mask,
 @_setup.in_mesh_context
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         init_params=None, reference_params=None, reward_params=None,
-        reward_model=None):
-  """Online RL; returns ``(state, run, final_eval)``."""
+        reward_model=None, process_reward_model=None):
+  """Online RL; returns ``(state, run, final_eval)``.
+
+  ``process_reward_model``: ``(params, graphdef, rest)`` of a PRM for
+  ``advantage=pure_min`` (else it is loaded from
+  ``config.reward.process_model``).
+  """
   fn, hyper, ahyper = _check(config)
   del fn, hyper
   adv_fn = adv_lib.REGISTRY[config.advantage.name]
@@ -407,22 +419,39 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       params, jax.jit(tx.init, out_shardings=opt_sh)(params), 0,
       jax.random.key(config.seed))
   state = jax.device_put(state, state_sh)  # committed: one compile of step
+  frozen_ref = reference_params if reference_params is not None else \
+      (init_params if init_params is not None else _setup.build_model(
+          "causal_lm", config.model, mesh, rules, config.seed)[0].params)
+  process = None
+  if config.advantage.name in _rl_process.PROCESS_ESTIMATORS:
+    process = _rl_process.ProcessInputs(
+        config, tokenizer=tokenizer, task=task, policy=policy,
+        reference_params=frozen_ref, mesh=mesh, rules=rules,
+        process_reward_model=process_reward_model)
+
+  def checkpointed(state):  # + the implicit PRM's train state (prime)
+    if process is None or process.state is None:
+      return state
+    return dict(state, implicit_prm=process.state)
+
+  ckpt_sh = state_sh if process is None or process.state is None else \
+      dict(state_sh, implicit_prm=process.state_shardings)
   prompts_it = _data.iterator(config, "prompt", tokenizer)
   start_iter = 0
   restored_kl_beta = None  # adaptive-KL coefficient of a resumed run
   if run_.checkpointer is not None:
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        state, state_sh)
+        checkpointed(state), ckpt_sh)
     restored = run_.checkpointer.restore(abstract)
     if restored is not None:
       state, extra = restored
+      if "implicit_prm" in state:
+        state = dict(state)
+        process.state = state.pop("implicit_prm")
       prompts_it.set_state(extra["data_state"])
       start_iter = int(extra.get("iteration", 0))
       restored_kl_beta = extra.get("kl_beta")
-  frozen_ref = reference_params if reference_params is not None else \
-      (init_params if init_params is not None else _setup.build_model(
-          "causal_lm", config.model, mesh, rules, config.seed)[0].params)
   sampler = sampling.Sampler(
       policy.graphdef, policy.rest, max_new_tokens=config.rl.max_new_tokens,
       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
@@ -445,6 +474,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     return completion_logps(
         model, tokens, attention_mask, loss_mask, chunk_size=chunk,
         temperature=config.rl.temperature)
+
+  @jax.jit
+  def forward_logps_t1(p, tokens, attention_mask, loss_mask):
+    model = nnx.merge(policy.graphdef, p, policy.rest)
+    return completion_logps(
+        model, tokens, attention_mask, loss_mask, chunk_size=chunk,
+        temperature=1.0)
 
   values_fn = None
   if value is not None:
@@ -516,6 +552,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         seq_rewards = seq_rewards - beta * kl_seq
       old_values = values_fn(state["params"]["value"], tokens, attn) \
           if values_fn else None
+      process_metrics = {}
+      if process is not None:  # pure_min / igpo / prime inputs
+        derived, process_metrics = process.derive(
+            state["params"]["policy"], out, tokens, attn, loss_mask,
+            seq_rewards, [r for r in records for _ in range(group)], ref_lp,
+            lambda t=tokens, a=attn, m=loss_mask: forward_logps_t1(
+                frozen_ref, t, a, m))
+        extra.update(derived)
       advantages, returns = compute_advantages(
           config, ahyper, seq_rewards, lengths, loss_mask, old_values, group,
           extra)
@@ -552,6 +596,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       })
       if gold is not None:
         metrics["gold_reward"] = float(np.mean(gold))
+      metrics.update(process_metrics)
       if "baseline_rewards" in extra:  # ReMax: the greedy completions'
         metrics["baseline_reward"] = float(jnp.mean(extra["baseline_rewards"]))
       if config.kl.get("adaptive", False):
@@ -567,9 +612,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       ck = run_.checkpointer
       if ck is not None and (ck.should_save(iteration) or stop or
                              iteration == config.total_steps):
-        ck.save(iteration, state, {"data_state": prompts_it.get_state(),
-                                   "iteration": iteration,
-                                   "kl_beta": float(kl_state.beta)},
+        ck.save(iteration, checkpointed(state),
+                {"data_state": prompts_it.get_state(),
+                 "iteration": iteration, "kl_beta": float(kl_state.beta)},
                 force=True, wait=stop)
       if stop:
         writer.close()

@@ -48,15 +48,11 @@ REWARD_MODEL_UNSUPPORTED = {  # with a plain (non-ensemble) reward model
   "multi_objective_regression": ["rewards", "targets"],
 }
 ADVANTAGE_UNSUPPORTED = {  # estimator -> regex of rl._check's error
-  "igpo": re.escape(
-    "'igpo' needs ['information_gain', 'outcome_rewards', 'turn_mask']"
-  ),
   "pass_at_k": re.escape("'pass_at_k' needs hyperparameters ['k']"),
-  "prime": re.escape("'prime' needs ['process_rewards', 'outcome_rewards']"),
-  "pure_min": re.escape(
-    "'pure_min' needs ['step_rewards', 'step_mask', 'step_lengths']"
-  ),
 }
+# Process estimators: token advantages from derived step / token inputs
+# (trainers/_rl_process.py; tests/trainers/rl_process_test.py).
+PROCESS_ESTIMATORS = ("igpo", "prime", "pure_min")
 # Losses that take one advantage per sequence ([B] only).
 SEQUENCE_ADVANTAGE_LOSSES = ("empg", "gmpo")
 
@@ -423,6 +419,7 @@ class PolicyVariantsTest(parameterized.TestCase):
   @parameterized.named_parameters(*_named(sorted(advantages.REGISTRY)))
   def test_estimator_in_the_trainer(self, name):
     config = _cfg("rl", f"advantage={name},runlocal")
+    config.reward.process_model = "unused-here"  # pure_min's PRM workdir
     if name in ADVANTAGE_UNSUPPORTED:
       with self.assertRaisesRegex(ValueError, ADVANTAGE_UNSUPPORTED[name]):
         rl._check(config)
@@ -438,6 +435,18 @@ class PolicyVariantsTest(parameterized.TestCase):
       "baseline_rewards": np.zeros(n // G, np.float32),
       "reward_components": np.zeros((n, 2), np.float32),
     }
+    if name in PROCESS_ESTIMATORS:  # S = 3 steps of the completion
+      t = L - PROMPT
+      extra["steps"] = rl._rl_process.Steps(
+        np.zeros((n, t), np.int32),
+        np.ones((n, 3), bool),
+        np.ones((n, 3), np.int32),
+        np.zeros((n, 3), np.int32),
+        np.zeros(n, bool),
+      )
+      extra["step_rewards"] = np.zeros((n, 3), np.float32)
+      extra["information_gain"] = np.zeros((n, 3), np.float32)
+      extra["process_rewards"] = np.zeros((n, L - 1), np.float32)
     adv, returns = jax.eval_shape(
       lambda r, ln, m, v, e: rl.compute_advantages(
         config, ahyper, r, ln, m, v, G, e
@@ -453,6 +462,7 @@ class PolicyVariantsTest(parameterized.TestCase):
       "reinforce_pp",
       "lambda_returns",
       "discounted_returns",
+      *PROCESS_ESTIMATORS,
     )
     self.assertEqual(adv.shape, (n, L - 1) if token_level else (n,))
     self.assertEqual(returns is not None, name == "gae")
