@@ -3,6 +3,7 @@
 Pure functions of arrays: no Flax, no configs.
 """
 
+from alignment.ops._attention import *  # noqa: F403
 from alignment.ops._fused import FUSED_DEFAULT_CHUNK_SIZE
 from alignment.ops._fused import FUSED_DEFAULT_VOCAB_CHUNK_SIZE
 from alignment.ops._fused import fused_token_logps
