@@ -21,6 +21,8 @@ import sys
 import tempfile
 
 import jax
+import numpy as np
+from absl.testing import absltest
 from jax._src import compilation_cache as _jax_cc
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -54,6 +56,40 @@ def config_module(name: str):
 def load_config(name: str, arg: str | None = None):
   """``configs/<name>.py:get_config(arg)`` (unlocked)."""
   return config_module(name).get_config(arg)
+
+
+def rl_config(advantage: str, **reward):
+  """``configs/rl.py`` with ``advantage=<advantage>,runlocal``, then
+  ``config.reward[k] = v`` for each keyword."""
+  config = load_config("rl", f"advantage={advantage},runlocal")
+  for k, v in reward.items():
+    config.reward[k] = v
+  return config
+
+
+def np_sigmoid(x):
+  """float64 logistic function (test oracles)."""
+  return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
+
+
+class WorkdirCase(absltest.TestCase):
+  """Tests sharing one temporary directory (``self._tmp.name``) and the
+  persistent compilation cache for the whole class."""
+
+  prefix = "alignment-test-"
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls._tmp = tempfile.TemporaryDirectory(prefix=cls.prefix)
+    cls._cache = compilation_cache()
+    cls._cache.__enter__()
+
+  @classmethod
+  def tearDownClass(cls):
+    cls._cache.__exit__(None, None, None)
+    cls._tmp.cleanup()
+    super().tearDownClass()
 
 
 def cache_dir() -> str:

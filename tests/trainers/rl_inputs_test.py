@@ -7,7 +7,6 @@ baseline path (remax) and the reward components (gdpo) through
 """
 
 import pathlib
-import tempfile
 from unittest import mock
 
 import jax
@@ -24,15 +23,8 @@ N = B * G
 LEN = 6
 
 
-def _config(advantage, **reward):
-  config = _util.load_config("rl", f"advantage={advantage},runlocal")
-  for k, v in reward.items():
-    config.reward[k] = v
-  return config
-
-
-def _np_sigmoid(x):
-  return 1.0 / (1.0 + np.exp(-x))
+_config = _util.rl_config
+_np_sigmoid = _util.np_sigmoid
 
 
 def _np_group_norm(x, mask, eps):
@@ -198,19 +190,8 @@ class DerivedInputsTest(parameterized.TestCase):
 
 
 @pytest.mark.slow
-class RunlocalTest(parameterized.TestCase):
-  @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
-    cls._tmp = tempfile.TemporaryDirectory(prefix="alignment-rl-inputs-")
-    cls._cache = _util.compilation_cache()
-    cls._cache.__enter__()
-
-  @classmethod
-  def tearDownClass(cls):
-    cls._cache.__exit__(None, None, None)
-    cls._tmp.cleanup()
-    super().tearDownClass()
+class RunlocalTest(_util.WorkdirCase, parameterized.TestCase):
+  prefix = "alignment-rl-inputs-"
 
   @parameterized.parameters("remax", "arena_rank", "gdpo")
   def test_two_step_runlocal(self, advantage):

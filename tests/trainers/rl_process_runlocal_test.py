@@ -8,7 +8,6 @@ with its online implicit-PRM update, is in ``rl_prime_resume_test.py``.
 """
 
 import pathlib
-import tempfile
 
 import jax
 import numpy as np
@@ -27,19 +26,8 @@ def _rl_config(advantage):
 
 
 @pytest.mark.slow
-class ProcessRunlocalTest(absltest.TestCase):
-  @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
-    cls._tmp = tempfile.TemporaryDirectory(prefix="alignment-rl-process-")
-    cls._cache = _util.compilation_cache()
-    cls._cache.__enter__()
-
-  @classmethod
-  def tearDownClass(cls):
-    cls._cache.__exit__(None, None, None)
-    cls._tmp.cleanup()
-    super().tearDownClass()
+class ProcessRunlocalTest(_util.WorkdirCase):
+  prefix = "alignment-rl-process-"
 
   def _run(self, config, name):
     workdir = pathlib.Path(self._tmp.name) / name

@@ -27,15 +27,8 @@ TOK = tokenizer_lib.ByteTokenizer()
 G = 2
 
 
-def _config(advantage, **reward):
-  config = _util.load_config("rl", f"advantage={advantage},runlocal")
-  for k, v in reward.items():
-    config.reward[k] = v
-  return config
-
-
-def _np_sigmoid(x):
-  return 1.0 / (1.0 + np.exp(-x))
+_config = _util.rl_config
+_np_sigmoid = _util.np_sigmoid
 
 
 def _np_segment(tokens, mask, sep, s_max):
