@@ -25,6 +25,7 @@ POSITIONS = ("rope", "learned")
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox")
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+ATTENTION_IMPLS = ("dense", "blockwise", "auto")
 
 
 class FrozenMapping(Mapping):
@@ -106,6 +107,17 @@ class ModelConfig:
     dtype: compute dtype of activations and matmuls; norms, softmax and RoPE
       run in float32.
     remat: rematerialise (gradient-checkpoint) each block.
+    attention_impl: how calls without a KV cache (training, scoring)
+      compute attention: ``"dense"`` (the ``[B, H, L, L]`` scores, memory
+      growing as ``L²``), ``"blockwise"`` (``ops.blockwise_attention``:
+      online softmax over ``attention_q_block x attention_kv_block``
+      tiles with a recomputing FlashAttention-2 backward pass; the same
+      values and gradients in memory linear in ``L``) or ``"auto"``
+      (blockwise from ``transformer.AUTO_BLOCKWISE_MIN_LENGTH`` tokens,
+      dense below). Prefill and decoding with a KV cache always use the
+      dense path. Not a Hugging Face field: imports get the default.
+    attention_q_block: query rows per tile of the blockwise path.
+    attention_kv_block: key/value columns per tile of the blockwise path.
     init_std: standard deviation of the normal initialiser of kernels and
       embeddings.
     pad_id: padding token id.
@@ -141,6 +153,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"
   remat: bool = False
+  attention_impl: str = "dense"
+  attention_q_block: int = 128
+  attention_kv_block: int = 128
   init_std: float = 0.02
   pad_id: int = 0
   bos_id: int | None = 1
@@ -166,6 +181,8 @@ class ModelConfig:
       "head_dim",
       "d_ff",
       "max_len",
+      "attention_q_block",
+      "attention_kv_block",
     ):
       if int(getattr(self, name)) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
@@ -179,6 +196,7 @@ class ModelConfig:
       ("activation", ACTIVATIONS),
       ("positions", POSITIONS),
       ("architecture", ARCHITECTURES),
+      ("attention_impl", ATTENTION_IMPLS),
     )
     for name, valid in choices:
       if getattr(self, name) not in valid:

@@ -5,7 +5,9 @@ grouped-query causal attention, RoPE (base ``theta``, Llama-3 or linear
 scaling, NeoX partial rotary) or learned absolute positions, RMSNorm or
 LayerNorm, SwiGLU or GELU MLPs, sequential or parallel residuals, q/k/v
 biases, per-head QK-norm, sliding-window attention, optional ``nnx.remat``
-per block, and separate parameter / compute dtypes.
+per block, separate parameter / compute dtypes, and dense or blockwise
+(FlashAttention-style, memory linear in ``L``) attention for calls without
+a KV cache (``ModelConfig.attention_impl``).
 
 Shapes use the glossary letters: ``B`` batch, ``L`` sequence, ``D`` width,
 ``H`` query heads, ``N`` head dim, ``V`` vocabulary; ``S`` is the KV-cache
@@ -15,7 +17,9 @@ Padding and packing: ``attention_mask`` (bool ``[B, L]``, True on real
 tokens) hides padded keys; ``segment_ids`` restricts attention to tokens of
 the same segment (packed sequences). Positions default to the running count
 of real tokens (``cumsum(attention_mask) - 1``, restarting at every segment),
-so left-padded prompts get the positions an unpadded prompt would.
+so left-padded prompts get the positions an unpadded prompt would. Without
+a cache, a query with no key to attend to (padding before a row's first real
+token) gets attention output 0, in both attention implementations.
 
 KV cache: :meth:`Transformer.init_cache` returns a `KVCache`; calling the
 model with ``cache=...`` writes the new keys/values at the next slot
@@ -32,6 +36,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
+from alignment import ops
 from alignment.array_types import In, Out, typechecked
 from alignment.models.config import ModelConfig
 from alignment.models.partitioning import constrain
@@ -41,6 +46,20 @@ CACHE_AXES = ("batch", "kv_heads", "length", "kv")
 """Logical axes of each layer's keys and values in a `KVCache`."""
 
 _MASK_VALUE = float(np.finfo(np.float32).min)
+
+AUTO_BLOCKWISE_MIN_LENGTH = 256
+"""``attention_impl="auto"`` computes attention blockwise from this many
+tokens (calls without a KV cache). On a 2-core CPU the blockwise training
+step of the ``small`` preset's attention was already as fast as the dense
+one at 128 tokens and faster from 256 (see ``bench/attention.py``)."""
+
+
+def use_blockwise(config: ModelConfig, length: int) -> bool:
+  """Whether a call without a KV cache over ``length`` tokens computes
+  attention blockwise (``config.attention_impl``)."""
+  if config.attention_impl == "auto":
+    return length >= AUTO_BLOCKWISE_MIN_LENGTH
+  return config.attention_impl == "blockwise"
 
 
 class KVCache(NamedTuple):
@@ -331,13 +350,27 @@ class Attention(nnx.Module):
     group = c.n_heads // c.n_kv_heads
     q = q.reshape(b, length, c.n_kv_heads, group, c.head_dim)
     q = jnp.transpose(q, (0, 2, 3, 1, 4))
-    scores = jnp.einsum(
-      "bkgln,bksn->bkgls", q, k, preferred_element_type=jnp.float32
-    )
-    scores = scores * (c.head_dim**-0.5)
-    scores = jnp.where(allowed[:, None, None], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgls,bksn->bkgln", probs, v)
+    if cache is not None:
+      # Prefill / decode: the dense product over the cache (one query per
+      # row when decoding, where tiles would only add work).
+      scores = jnp.einsum(
+        "bkgln,bksn->bkgls", q, k, preferred_element_type=jnp.float32
+      )
+      scores = scores * (c.head_dim**-0.5)
+      scores = jnp.where(allowed[:, None, None], scores, _MASK_VALUE)
+      probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+      out = jnp.einsum("bkgls,bksn->bkgln", probs, v)
+    elif use_blockwise(c, length):
+      out = ops.blockwise_attention(
+        q,
+        k,
+        v,
+        allowed,
+        q_block=c.attention_q_block,
+        kv_block=c.attention_kv_block,
+      )
+    else:
+      out = ops.dense_attention(q, k, v, allowed)
     out = jnp.transpose(out, (0, 3, 1, 2, 4))
     out = out.reshape(b, length, c.n_heads, c.head_dim)
     out = _linear(out, w(self.o_kernel), 2)
