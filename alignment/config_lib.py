@@ -95,6 +95,9 @@ def model(preset: str, **overrides) -> ml_collections.ConfigDict:
   block.dtype = "float32"
   block.param_dtype = "float32"
   block.remat = False
+  # "dense", "blockwise" (FlashAttention-style, memory linear in length) or
+  # "auto": see ModelConfig.attention_impl.
+  block.attention_impl = "dense"
   block.overrides = ml_collections.ConfigDict(overrides)
   block.init_from = ""  # a Hugging Face checkpoint directory, or ""
   return block

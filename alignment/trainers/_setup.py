@@ -71,7 +71,7 @@ def in_mesh_context(run_fn=None, *, config_of=None):
 def model_config(block: ml_collections.ConfigDict):
   """Resolves ``config.model`` (preset + overrides) to a ``ModelConfig``."""
   overrides = dict(block.get("overrides", {}) or {})
-  for key in ("dtype", "param_dtype", "remat"):
+  for key in ("dtype", "param_dtype", "remat", "attention_impl"):
     if key in block:
       overrides.setdefault(key, block[key])
   return models.get_preset(block.preset, **overrides)
@@ -115,6 +115,11 @@ def build_model(
       rules=rules,
       dtype=model_block.get("dtype", "float32"),
       param_dtype=model_block.get("param_dtype", "float32"),
+      config_overrides={
+        key: model_block[key]
+        for key in ("remat", "attention_impl")
+        if key in model_block
+      },
     )
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     p_shard = sharding_lib.state_shardings(params, mesh, rules, strict=strict)
