@@ -97,7 +97,7 @@ def model(preset: str, **overrides) -> ml_collections.ConfigDict:
   block.remat = False
   # "dense", "blockwise" (FlashAttention-style, memory linear in length) or
   # "auto": see ModelConfig.attention_impl.
-  block.attention_impl = "dense"
+  block.attention_impl = "auto"
   block.overrides = ml_collections.ConfigDict(overrides)
   block.init_from = ""  # a Hugging Face checkpoint directory, or ""
   return block

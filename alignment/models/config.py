@@ -153,7 +153,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"
   remat: bool = False
-  attention_impl: str = "dense"
+  attention_impl: str = "auto"
   attention_q_block: int = 128
   attention_kv_block: int = 128
   init_std: float = 0.02

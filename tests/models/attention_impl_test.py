@@ -153,17 +153,17 @@ class AttentionImplTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "attention_kv_block"):
       config_mod.get_preset("tiny", attention_kv_block=0)
     # Presets and HF imports keep the default; HF export ignores the field.
-    self.assertEqual(config_mod.get_preset("small").attention_impl, "dense")
-    config = config_mod.get_preset("tiny", attention_impl="auto")
+    self.assertEqual(config_mod.get_preset("small").attention_impl, "auto")
+    config = config_mod.get_preset("tiny", attention_impl="blockwise")
     exported = hf.config_to_hf(config)
     self.assertNotIn("attention_impl", str(exported))
-    self.assertEqual(hf.config_from_hf(exported).attention_impl, "dense")
+    self.assertEqual(hf.config_from_hf(exported).attention_impl, "auto")
     self.assertEqual(
-      config_mod.ModelConfig(**config.to_dict()).attention_impl, "auto"
+      config_mod.ModelConfig(**config.to_dict()).attention_impl, "blockwise"
     )
     # config.model.attention_impl reaches the ModelConfig like remat does.
     block = config_lib.model("tiny")
-    self.assertEqual(_setup.model_config(block).attention_impl, "dense")
+    self.assertEqual(_setup.model_config(block).attention_impl, "auto")
     block.attention_impl = "blockwise"
     self.assertEqual(_setup.model_config(block).attention_impl, "blockwise")
     block.overrides.attention_q_block = 64
