@@ -35,7 +35,11 @@ import numpy as np
 from flax import nnx
 
 from alignment.models import partitioning
-from alignment.models.transformer import CACHE_AXES, KVCache
+from alignment.models.transformer import (
+  CACHE_AXES,
+  KVCache,
+  default_positions,
+)
 from alignment.sharding import rules as rules_lib
 
 _NEG_INF = -1e30
@@ -393,7 +397,14 @@ class Sampler:
     cache = constrain_cache(
       model.init_cache(n, p + segments[0], self.cache_dtype)
     )
-    hidden, cache = model.hidden(prompts, attention_mask=mask, cache=cache)
+    # Positions of an empty cache start at 0: given explicitly, XLA does not
+    # constant-fold the max over the (constant) empty position table.
+    hidden, cache = model.hidden(
+      prompts,
+      attention_mask=mask,
+      positions=default_positions(mask),
+      cache=cache,
+    )
     cache = constrain_cache(cache)
     w = model.unembedding()
     logits = jnp.einsum(
