@@ -12,6 +12,11 @@ Tasks (``spec["task"]``):
 * ``dpo``: ``trainers.preference.make_loss_fn`` (sigmoid DPO, frozen
   reference model), one step = policy + reference forward, backward, AdamW.
 * ``rm``: ``trainers.reward_model.make_loss_fn`` (Bradley–Terry).
+
+DPO and RM steps run with the trainers' default ``share_prompt=True`` (one
+packed row ``[prompt | chosen | rejected]`` per pair); ``spec["share_prompt"]
+= False`` gives the two-row step. ``tokens_per_step`` counts ``2·B·L``
+either way (the pairs' tokens, as the peers count them).
 * ``grpo``: one iteration of ``trainers.rl.run``'s loop: KV-cache sampling
   of G completions per prompt (``sampling.Sampler``), reward, reference
   log-probs (and old-policy log-probs unless ``rl.is_on_policy``: one PPO
@@ -56,6 +61,18 @@ def _common_config(config, spec):
   config.model.dtype = spec.get("dtype", "float32")
   config.model.param_dtype = "float32"
   config.logps_chunk_size = spec.get("logps_chunk_size", 2048)
+  return config
+
+
+def _pair_config(config, spec, prompt_len):
+  """A DPO / RM config for pairs of the spec's shapes: the data limits
+  the trainer would have (completions + EOS), ``share_prompt`` from the
+  spec if given (default: the config's, i.e. the trainers' default)."""
+  config = _common_config(config, spec)
+  config.data.max_prompt_len = prompt_len
+  config.data.max_completion_len = spec["completion_len"] + 1
+  if "share_prompt" in spec:
+    config.share_prompt = bool(spec["share_prompt"])
   return config
 
 
@@ -174,7 +191,7 @@ def build(spec) -> Built:
     if task == "dpo":
       from alignment.trainers import preference
 
-      config = _common_config(_config("preference", "runlocal"), spec)
+      config = _pair_config(_config("preference", "runlocal"), spec, p)
       config.loss.beta = spec.get("beta", 0.1)
       loss_fn, _, needs_ref = preference.make_loss_fn(graphdef, rest, config)
       assert needs_ref
@@ -182,9 +199,10 @@ def build(spec) -> Built:
     else:
       from alignment.trainers import reward_model
 
-      config = _common_config(_config("reward_model", "runlocal"), spec)
+      config = _pair_config(_config("reward_model", "runlocal"), spec, p)
       loss_fn = reward_model.make_loss_fn(graphdef, rest, config)
       frozen = None
+    info["share_prompt"] = bool(config.share_prompt)
     tx, state = state_of(config, params)
     step = jax.jit(common.make_train_step(loss_fn, tx), donate_argnums=(0,))
     holder = {"state": state}

@@ -26,6 +26,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       ensemble_aggregator="mean", ensemble_kwargs={}))
   config.data = config_lib.data("synthetic", max_prompt_len=256,
                                 max_completion_len=256)
+  # One packed row [prompt | best | worst] per pair, the prompt run once
+  # (exact; rows sized by online.max_new_tokens).
+  config.share_prompt = True
   if arg.runlocal:
     # 8 prompts: divisible over the data axis of any host with 1, 2, 4
     # or 8 devices (a batch must split evenly over the batch shards).

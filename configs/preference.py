@@ -49,6 +49,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   config.loss = config_lib.loss(arg.loss)
   config.reference = "init"  # frozen copy of the initial policy
+  # One packed row [prompt | chosen | rejected] per pair: the prompt runs
+  # once, not twice (exact; rows sized by data.max_completion_len).
+  config.share_prompt = True
   if arg.loss in _INPUT_BLOCKS:
     name, fields = _INPUT_BLOCKS[arg.loss]
     config[name] = ml_collections.ConfigDict(fields)

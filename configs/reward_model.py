@@ -76,6 +76,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       self_confidence=1.0))
   config.data = config_lib.data("synthetic", max_prompt_len=256,
                                 max_completion_len=256)
+  # Pairs: one packed row [prompt | chosen | rejected], the prompt run once
+  # (exact; rows sized by data.max_completion_len).
+  config.share_prompt = True
   config.eval_data = config_lib.data("synthetic", max_prompt_len=256,
                                      max_completion_len=256, shuffle=False,
                                      task_seed=1, num_examples=512)

@@ -72,6 +72,29 @@ class _Backbone(nnx.Module):
         index = last_token_index(attention_mask)
     return _f32(_gather(hidden, jnp.asarray(index, jnp.int32)))
 
+  def score_at(self, tokens, index, **kwargs):
+    """The head's output at ``R`` token indices per row, in one forward.
+
+    For packed rows holding several sequences (a shared prompt and its
+    completions: ``segment_ids`` / ``prefix_ids``) each sequence is read at
+    its own last token.
+
+    Args:
+      tokens: int ``[B, L]`` ids.
+      index: int ``[B, R]`` token indices read in each row.
+      **kwargs: `Transformer.__call__` keyword arrays (``attention_mask``,
+        ``positions``, ``segment_ids``, ``prefix_ids``).
+
+    Returns:
+      The output of ``__call__`` for ``R * B`` sequences, r-major (output
+      row ``r * B + b`` reads ``index[b, r]``).
+    """
+    hidden = self.transformer(tokens, **kwargs)
+    index = jnp.asarray(index, jnp.int32)
+    features = jnp.take_along_axis(hidden, index[..., None], axis=1)
+    features = jnp.swapaxes(features, 0, 1)  # [R, B, D]
+    return self._head(_f32(features.reshape(-1, features.shape[-1])))
+
 
 class RewardModel(_Backbone):
   """Scalar reward at the last real token (``score`` head, no bias)."""
@@ -97,7 +120,9 @@ class RewardModel(_Backbone):
       attention_mask: True on real tokens (default: all).
       positions: optional position ids (default: running count).
     """
-    features = self._features(tokens, attention_mask, positions)
+    return self._head(self._features(tokens, attention_mask, positions))
+
+  def _head(self, features):
     return (features @ _f32(self.score[...]))[:, 0]
 
 
@@ -169,7 +194,9 @@ class GaussianRewardModel(_Backbone):
     attention_mask: Bool[In, "B L"] | None = None,
     positions: Int[In, "B L"] | None = None,
   ) -> GaussianReward:
-    features = self._features(tokens, attention_mask, positions)
+    return self._head(self._features(tokens, attention_mask, positions))
+
+  def _head(self, features):
     out = (
       features @ _f32(self.head_kernel[...]) + _f32(self.head_bias[...])[None]
     )
@@ -274,13 +301,20 @@ class MultiObjectiveRewardModel(_Backbone):
       else jnp.full((b,), length - 1, jnp.int32)
     )
     features = _f32(_gather(hidden, last))
+    gate = None
+    if self.gating and gate_index is not None:
+      gate = _f32(_gather(hidden, jnp.asarray(gate_index, jnp.int32)))
+    return self._head(features, gate)
+
+  def _head(self, features, gate_features=None):
+    """Outputs from last-token features (the gate reads
+    ``gate_features``, default the same features)."""
     rewards = (
       features @ _f32(self.reward_kernel[...])
       + _f32(self.reward_bias[...])[None]
     )
     if self.gating:
-      index = last if gate_index is None else jnp.asarray(gate_index, jnp.int32)
-      h = _f32(_gather(hidden, index))
+      h = features if gate_features is None else gate_features
       n = len(self.gate_kernels)
       for i, (w, bias) in enumerate(
         zip(self.gate_kernels, self.gate_biases, strict=True)
@@ -338,7 +372,9 @@ class PreferenceEmbeddingModel(_Backbone):
     positions: Int[In, "B L"] | None = None,
   ) -> Float[Out, "B E"]:
     """Preference embeddings ``[B, 2k]`` (float32, unit norm if asked)."""
-    features = self._features(tokens, attention_mask, positions)
+    return self._head(self._features(tokens, attention_mask, positions))
+
+  def _head(self, features):
     v = features @ _f32(self.embed_kernel[...])
     if self.normalize:
       norm = jnp.sqrt(jnp.sum(v * v, axis=-1, keepdims=True))
@@ -376,7 +412,9 @@ class MultiHeadEnsembleRewardModel(_Backbone):
     positions: Int[In, "B L"] | None = None,
   ) -> Float[Out, "M B"]:
     """Rewards of every head, float32 ``[M, B]``."""
-    features = self._features(tokens, attention_mask, positions)
+    return self._head(self._features(tokens, attention_mask, positions))
+
+  def _head(self, features):
     out = (
       features @ _f32(self.heads_kernel[...]).T
       + _f32(self.heads_bias[...])[None]
@@ -447,6 +485,16 @@ class StackedEnsemble(nnx.Module):
       return member(tokens, **kwargs)
 
     return run(self.members, tokens, kwargs)
+
+  def score_at(self, tokens, index, **kwargs):
+    """Every member's `score_at` (see ``_Backbone.score_at``) with a
+    leading ``[M]`` axis."""
+
+    @nnx.vmap(in_axes=(0, None, None, None), out_axes=0)
+    def run(member, tokens, index, kwargs):
+      return member.score_at(tokens, index, **kwargs)
+
+    return run(self.members, tokens, index, kwargs)
 
 
 _KINDS: dict[str, Callable[..., nnx.Module]] = {

@@ -479,6 +479,43 @@ def default_positions(attention_mask, segment_ids=None):
   return jnp.maximum(count - 1, 0).astype(jnp.int32)
 
 
+def shared_prefix_allowed(segment_ids, prefix_ids=None):
+  """Which keys each query's segment admits, bool ``[B, L, L]``.
+
+  Query ``i`` may attend to key ``j`` when both lie in the same segment or
+  when ``j``'s segment is ``prefix_ids[i]`` (a nonzero id). The caller adds
+  causality (packed order) and padding. Packing a preference pair as
+  ``[prompt | chosen | rejected]`` with segments ``1, 2, 3`` and prefixes
+  ``0, 1, 1`` lets both completions read the prompt but not each other.
+
+  Args:
+    segment_ids: int ``[B, L]``.
+    prefix_ids: optional int ``[B, L]``.
+  """
+  keys = segment_ids[:, None, :]
+  allowed = segment_ids[:, :, None] == keys
+  if prefix_ids is not None:
+    prefix = jnp.asarray(prefix_ids)[:, :, None]
+    allowed = allowed | ((prefix == keys) & (prefix != 0))
+  return allowed
+
+
+def prefix_lengths(attention_mask, segment_ids, prefix_ids):
+  """Real tokens in each token's prefix segment, int32 ``[B, L]``.
+
+  Added to `default_positions` when ``prefix_ids`` are given, so that a
+  completion packed after its prompt (and after sibling completions) gets
+  the positions it has right after the prompt. A prefix segment is meant
+  to precede every segment that uses it.
+  """
+  prefix = jnp.asarray(prefix_ids)
+  inside = (segment_ids[:, None, :] == prefix[:, :, None]) & (
+    attention_mask[:, None, :]
+  )
+  count = jnp.sum(inside, axis=-1, dtype=jnp.int32)
+  return jnp.where(prefix != 0, count, 0)
+
+
 class Transformer(nnx.Module):
   """Token embedding, ``n_layers`` blocks and the final norm.
 
@@ -521,6 +558,7 @@ class Transformer(nnx.Module):
     positions: Int[In, "B L"] | None = None,
     attention_mask: Bool[In, "B L"] | None = None,
     segment_ids: Int[In, "B L"] | None = None,
+    prefix_ids: Int[In, "B L"] | None = None,
     cache: KVCache | None = None,
     decode: bool = False,
   ) -> Float[Out, "B L D"] | tuple[Float[Out, "B L D"], KVCache]:
@@ -534,6 +572,13 @@ class Transformer(nnx.Module):
         to. Default: all True.
       segment_ids: packed-sequence ids; tokens attend only within their
         segment. Not supported with a cache.
+      prefix_ids: with ``segment_ids``, the segment each token may also
+        attend to (causally, by packed order) as a shared prefix: 0 (or an
+        id that does not occur) for none. Several segments may share one
+        prefix (tree attention of depth one: a prompt and its sibling
+        completions), and no completion sees a sibling. Default positions
+        then continue from the prefix (its real-token count is added); see
+        `shared_prefix_allowed`. Not supported with a cache.
       cache: a `KVCache` to write this chunk into (prefill or decode).
       decode: must be True only together with ``cache`` (kept for clarity
         at call sites: ``model(tok, cache=c, decode=True)``).
@@ -547,6 +592,10 @@ class Transformer(nnx.Module):
       raise ValueError("decode=True needs a cache (model.init_cache(...)).")
     if cache is not None and segment_ids is not None:
       raise ValueError("segment_ids are not supported with a KV cache.")
+    if prefix_ids is not None and (segment_ids is None or cache is not None):
+      raise ValueError(
+        "prefix_ids need segment_ids and are not supported with a KV cache."
+      )
     tokens = jnp.asarray(tokens)
     b, length = tokens.shape
     if attention_mask is None:
@@ -556,6 +605,10 @@ class Transformer(nnx.Module):
       segment_ids = jnp.asarray(segment_ids)
     if positions is None:
       positions = default_positions(attention_mask, segment_ids)
+      if prefix_ids is not None:
+        positions = positions + prefix_lengths(
+          attention_mask, segment_ids, prefix_ids
+        )
       if cache is not None:
         positions = (
           positions + (jnp.max(cache.key_positions, axis=1) + 1)[:, None]
@@ -576,7 +629,7 @@ class Transformer(nnx.Module):
       allowed = q_idx[None, :, None] >= q_idx[None, None, :]
       allowed = allowed & attention_mask[:, None, :]
       if segment_ids is not None:
-        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None])
+        allowed = allowed & shared_prefix_allowed(segment_ids, prefix_ids)
       key_positions = positions
     else:
       if length > cache.key_positions.shape[1]:

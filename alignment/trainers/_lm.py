@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from alignment import ops
+from alignment.trainers import _packing
 
 
 def completion_token_logps(model, tokens, attention_mask, completion_mask, *,
@@ -169,6 +170,7 @@ def completion_forward(
   *,
   chunk_size: int = 2048,
   capture: str | None = None,
+  packing: "_packing.PackedPairs | None" = None,
 ) -> CompletionForward:
   """Log-probs, hidden states and (optionally) activations in one forward.
 
@@ -187,6 +189,11 @@ def completion_forward(
     completion_mask: bool ``[B, L]``, True on the tokens to score.
     chunk_size: token chunk of the fused log-prob kernel.
     capture: None, or one of :data:`ACTIVATION_SETS`.
+    packing: optional `_packing.PackedPairs` of the pairs whose unpacked
+      rows ``[chosen; rejected]`` are ``tokens``: the model then reads the
+      packed rows (each prompt once) and every per-position output is
+      gathered back into the unpacked ``[2B, L-1, ...]`` layout, with the
+      same values.
 
   Returns:
     A :class:`CompletionForward`.
@@ -195,20 +202,27 @@ def completion_forward(
     raise ValueError(
       f"capture must be None or one of {ACTIVATION_SETS}, got {capture!r}."
     )
-  batch, length = tokens.shape
+  if packing is None:
+    inputs, kwargs = tokens, {"attention_mask": attention_mask}
+    restore = lambda x: x  # noqa: E731
+  else:
+    inputs, kwargs = packing.tokens, packing.model_kwargs()
+    restore = lambda x: _packing.unpack(x, packing)  # noqa: E731
+  batch, length = inputs.shape
 
   def forward(m, t):
-    return m.hidden(t, attention_mask=attention_mask)
+    return m.hidden(t, **kwargs)
 
   activations = ()
   if capture is None:
-    hidden = forward(model, tokens)
+    hidden = restore(forward(model, inputs))
   else:
     hidden, intermediates = nnx.capture(
       forward, nnx.Intermediate, method_outputs=nnx.Intermediate
-    )(model, tokens)
+    )(model, inputs)
+    hidden = restore(hidden)
     activations = tuple(
-      a[:, :-1]
+      restore(a)[:, :-1]
       for a in _captured_outputs(intermediates, batch, length, capture)
     )
   unembedding = model.unembedding()

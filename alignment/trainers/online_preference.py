@@ -111,7 +111,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   scorer = rl.RewardScorer(config, tokenizer, reward_params=reward_params,
                            reward_model=reward_model, task=task)
   loss_fn, _, _ = preference_lib.make_loss_fn(
-      run_.model.graphdef, run_.model.rest, config, extra)
+      run_.model.graphdef, run_.model.rest, config, extra,
+      completion_len=config.online.max_new_tokens)
   step = common.make_train_step(loss_fn, run_.tx)
   jitted = jax.jit(step, out_shardings=(run_.state_shardings, None),
                    donate_argnums=(0,))

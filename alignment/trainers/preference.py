@@ -41,7 +41,7 @@ from flax import nnx
 
 from alignment import losses, models, ops
 from alignment import sharding as sharding_lib
-from alignment.trainers import _data, _lm, _setup
+from alignment.trainers import _data, _lm, _packing, _setup
 
 # Arrays a trainer can supply without extra models.
 _PAIRED = (
@@ -464,16 +464,33 @@ def _metrics(avail, aux, batch, mask_c, mask_r):
   return metrics
 
 
-def make_loss_fn(graphdef, rest, config, extra_supplied=(), *, guidance=None):
+def make_loss_fn(
+  graphdef,
+  rest,
+  config,
+  extra_supplied=(),
+  *,
+  guidance=None,
+  completion_len: int | None = None,
+):
   """``loss_fn(params, frozen, batch, rng)`` for the configured loss.
 
   ``frozen`` is the reference model's params (or None); for a loss with
   guidance-model token rewards it is ``{"reference": params, "guidance":
   params}`` and ``guidance`` is the guidance model's ``(graphdef, rest)``.
   Fields of the batch named in ``extra_supplied`` are passed to the loss as
-  arrays.
+  arrays. With ``config.share_prompt`` (default True) every forward of a
+  pair (policy, reference, guidance) reads one packed row ``[prompt |
+  chosen | rejected]`` (`_packing`), sized by ``completion_len`` (default
+  ``config.data.max_completion_len``); the arrays the loss receives are
+  the same.
   """
   fn, hyper, kind, needs_ref = loss_spec(config, extra_supplied)
+  bound = (
+    _packing.share_prompt_bound(config, completion_len)
+    if kind == "preference"
+    else None
+  )
   chunk = config.get("logps_chunk_size", 2048)
   beta = float(hyper.get("beta", 0.1))
   settings = input_settings(config, fn) if kind == "preference" else None
@@ -495,7 +512,14 @@ def make_loss_fn(graphdef, rest, config, extra_supplied=(), *, guidance=None):
     model = nnx.merge(graphdef, params, rest)
     b = batch.chosen_tokens.shape[0]
     tokens, attn, comp = _concat_pairs(batch)
-    pol = _lm.completion_forward(model, tokens, attn, comp, chunk_size=chunk)
+    packing = (
+      None
+      if bound is None
+      else _packing.pack_batch(batch, completion_len=bound)
+    )
+    pol = _lm.completion_forward(
+      model, tokens, attn, comp, chunk_size=chunk, packing=packing
+    )
     mask = pol.mask
     token_logps = jnp.where(mask, pol.token_logps, 0.0)
     lc, lr = _split_pairs(token_logps, b)
@@ -534,6 +558,7 @@ def make_loss_fn(graphdef, rest, config, extra_supplied=(), *, guidance=None):
           comp,
           chunk_size=chunk,
           capture=s.activations if s.reward_weights else None,
+          packing=packing,
         )
         ref_token_logps = jnp.where(mask, ref.token_logps, 0.0)
         rc, rr = _split_pairs(ref_token_logps, b)
@@ -591,7 +616,9 @@ def make_loss_fn(graphdef, rest, config, extra_supplied=(), *, guidance=None):
     if s.token_rewards:
       g_graphdef, g_rest = guidance
       guide = nnx.merge(g_graphdef, jax.lax.stop_gradient(guide_params), g_rest)
-      g = _lm.completion_forward(guide, tokens, attn, comp, chunk_size=chunk)
+      g = _lm.completion_forward(
+        guide, tokens, attn, comp, chunk_size=chunk, packing=packing
+      )
       put(
         *_TOKEN_REWARDS,
         losses.tgdpo_token_rewards(
@@ -736,6 +763,13 @@ def run(
     init_params=(lambda _: init_params) if init_params is not None else None,
   )
   batches = _data.iterator(config, kind, tokenizer, run_)
+  bound = (
+    _packing.share_prompt_bound(config) if kind == "preference" else None
+  )
+  if bound is not None:  # a clear error before a pair is packed wrongly
+    batches = _packing.CheckedBatches(
+      batches, completion_len=bound, where="config.share_prompt"
+    )
   frozen = None
   if needs_ref and config.get("reference", "init") != "precomputed":
     if reference_params is not None:

@@ -75,7 +75,7 @@ import numpy as np
 from flax import nnx
 
 from alignment import evaluation, losses, models, ops
-from alignment.trainers import _data, _lm, _setup
+from alignment.trainers import _data, _lm, _packing, _setup
 
 _GAUSSIAN = ("gaussian_bt", "gaussian_bt_sampled")
 _GAUSSIAN_ENSEMBLE = ("brme",)
@@ -316,22 +316,42 @@ def loss_spec(config):
   return fn, hyper
 
 
-def _pair_forward(model, batch):
+def _pair_forward(model, batch, packing=None):
   """Scores chosen and rejected rows in one call: every leaf of the
   ``[2B, ...]`` output (``[M, 2B, ...]`` for ensembles: the member axis
-  leads) split back into ``(chosen, rejected)``."""
+  leads) split back into ``(chosen, rejected)``.
+
+  With ``packing`` (a `_packing.PackedPairs` of the batch) the model reads
+  one packed row ``[prompt | chosen | rejected]`` per pair and the head
+  each response's last real token (``score_at``): the same scores, each
+  prompt run once; a pair that could not be packed scores NaN.
+  """
   b = batch.chosen_tokens.shape[0]
-  tokens = jnp.concatenate(
-    _lm.pad_to_same_length(batch.chosen_tokens, batch.rejected_tokens), axis=0
-  )
-  attn = jnp.concatenate(
-    _lm.pad_to_same_length(
-      batch.chosen_attention_mask, batch.rejected_attention_mask
-    ),
-    axis=0,
-  )
-  out = model(tokens, attention_mask=attn)
   axis = 1 if head_kind(model) in _ENSEMBLES else 0
+  if packing is not None:
+    out = model.score_at(
+      packing.tokens, packing.last_index, **packing.model_kwargs()
+    )
+    valid = jnp.concatenate([packing.valid, packing.valid])
+
+    def poison(x):
+      shape = [1] * x.ndim
+      shape[axis] = 2 * b
+      return jnp.where(valid.reshape(shape), x, jnp.nan)
+
+    out = jax.tree.map(poison, out)
+  else:
+    tokens = jnp.concatenate(
+      _lm.pad_to_same_length(batch.chosen_tokens, batch.rejected_tokens),
+      axis=0,
+    )
+    attn = jnp.concatenate(
+      _lm.pad_to_same_length(
+        batch.chosen_attention_mask, batch.rejected_attention_mask
+      ),
+      axis=0,
+    )
+    out = model(tokens, attention_mask=attn)
   first = jax.tree.map(lambda x: jax.lax.slice_in_dim(x, 0, b, axis=axis), out)
   second = jax.tree.map(
     lambda x: jax.lax.slice_in_dim(x, b, 2 * b, axis=axis), out
@@ -497,11 +517,19 @@ def make_loss_fn(graphdef, rest, config):
   noise_samples = int(rm_cfg.get("noise_samples", 1))
   self_confidence = float(rm_cfg.get("self_confidence", 1.0))
   regression = name == "multi_objective_regression"
+  bound = (
+    _packing.share_prompt_bound(config) if dkind == "preference" else None
+  )
 
   def pairwise(params, frozen, batch, rng):
     del frozen
     model = nnx.merge(graphdef, params, rest)
-    c, r = _pair_forward(model, batch)
+    packing = (
+      None
+      if bound is None
+      else _packing.pack_batch(batch, completion_len=bound)
+    )
+    c, r = _pair_forward(model, batch, packing)
     avail = column_arrays(batch)
     if gaussian:
       avail.update(
@@ -1102,6 +1130,12 @@ def run(
   # and a missing one must fail before the model is built.
   batches = _data.iterator(config, data_kind(config), tokenizer)
   check_inputs(config, data_columns(batches))
+  if data_kind(config) == "preference":
+    bound = _packing.share_prompt_bound(config)
+    if bound is not None:  # a clear error before a pair is packed wrongly
+      batches = _packing.CheckedBatches(
+        batches, completion_len=bound, where="config.share_prompt"
+      )
   check_num_ratings(config, batches)
   if kind == "multi_objective_reward":
     attribute_names(config)  # a bad attributes list fails at start

@@ -57,6 +57,7 @@ def _batch():
   rng = np.random.default_rng(0)
   c = _rows(rng, B, L)
   r = _rows(rng, B, L - 2)  # shorter: the trainer pads
+  r[0][:, :PROMPT] = c[0][:, :PROMPT]  # a pair shares its prompt
   return data_batches.PreferenceBatch(
     *c, *r, np.array([True] * (B - 1) + [False])
   )

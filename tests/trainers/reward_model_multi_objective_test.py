@@ -272,6 +272,7 @@ def _hand_batch():
   rng = np.random.default_rng(0)
   b, length = 4, 10
   tokens = rng.integers(3, 200, (2, b, length)).astype(np.int32)
+  tokens[1, :, :4] = tokens[0, :, :4]  # a pair shares its prompt
   attn = np.ones((b, length), bool)
   attn[1, -3:] = False
   comp = attn.copy()

@@ -23,7 +23,7 @@ from alignment import config_lib, models, trainers
 from alignment import sharding as sharding_lib
 from alignment.data import batches as data_batches
 from alignment.models import partitioning
-from alignment.trainers import _setup, common, preference, rl
+from alignment.trainers import _packing, _setup, common, preference, rl
 from alignment.trainers import reward_model as rm
 from tests.trainers import _util
 
@@ -64,8 +64,10 @@ def _rows(rng, n, length=L):
 
 def _pairs():
   rng = np.random.default_rng(0)
+  chosen, rejected = _rows(rng, B), _rows(rng, B)
+  rejected[0][:, :PROMPT] = chosen[0][:, :PROMPT]  # a pair shares its prompt
   return data_batches.PreferenceBatch(
-    *_rows(rng, B), *_rows(rng, B), np.array([True, True, True, False])
+    *chosen, *rejected, np.array([True, True, True, False])
   )
 
 
@@ -210,7 +212,9 @@ class ShardedTrainStepTest(parameterized.TestCase):
 
   def test_dpo_step_carries_the_activation_constraints(self):
     outside, inside, compiled = _train("dpo", 8)[2]
-    rows, length = 2 * B, L  # chosen and rejected rows go in one forward
+    # One packed row [prompt | chosen | rejected] per pair (share_prompt;
+    # runlocal completions of at most 9 tokens).
+    rows, length = B, _packing.packed_length(L, 9)
     d, h, kv = MODEL.d_model, MODEL.n_heads, MODEL.n_kv_heads
     n, f = MODEL.head_dim, MODEL.d_ff
     self.assertNotIn("sharding_constraint", outside)
