@@ -730,7 +730,7 @@ class CausalLM(nnx.Module):
     Args:
       tokens: int ``[B, L]`` token ids.
       **kwargs: ``positions``, ``attention_mask``, ``segment_ids``,
-        ``cache``, ``decode`` as in `Transformer.__call__`.
+        ``prefix_ids``, ``cache``, ``decode`` as in `Transformer.__call__`.
     """
     out = self.hidden(tokens, **kwargs)
     if isinstance(out, tuple):

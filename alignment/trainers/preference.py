@@ -7,6 +7,12 @@ loss is reference-free) produces every array a preference loss may name
 the ones it needs by parameter name. Unpaired losses (KTO, BCO) read
 ``UnpairedBatch`` rows instead.
 
+With ``config.share_prompt`` (default True) each pair is one packed row
+``[prompt | chosen | rejected]`` for every forward (policy, reference,
+guidance; `_packing`): the prompt runs once, and the hidden states are
+gathered back into the ``[chosen; rejected]`` layout, so every array below
+is the same as without packing.
+
 Arrays that need more than log-probs are derived from the same forwards,
 only when the configured loss names them:
 

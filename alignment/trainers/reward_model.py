@@ -41,6 +41,11 @@ rollout continues past the final step, so its MC score is the solution's
 outcome) and ``self_confidence`` (``config.reward_model.self_confidence``
 for every question; 1 keeps every sample) for SCAN's ``prm_scan``.
 
+Pairs are scored as one packed row ``[prompt | chosen | rejected]`` each
+(``config.share_prompt``, default True; `_packing`): the head reads both
+responses' last tokens from one forward that runs the prompt once, with
+the same scores as two rows.
+
 :func:`check_inputs` fails at start, naming the objective, the missing
 arrays and what this trainer supplies for the configured head and data.
 
