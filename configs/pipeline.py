@@ -57,7 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   rm.eval_batches = 1000
   config.reward_model = rm
 
-  dpo = _stage("preference", steps=5 if q else 150, batch=32, lr=1e-3,
+  dpo = _stage("preference", steps=5 if q else 150, batch=32, lr=1e-4,
                preset=arg.model, data_kw=dict(source="jsonl"))
   dpo.loss = config_lib.loss("dpo", beta=0.1)
   dpo.reference = "init"
