@@ -219,7 +219,7 @@ def main():
       for suffix, extra in variants:
         name = f"{task}_{preset}{suffix}"
         spec = ours.spec_for(
-          task, preset, **_shape(task, preset), **{**overrides, **extra}
+          task, preset, **{**_shape(task, preset), **overrides, **extra}
         )
         t0 = time.perf_counter()
         built[name] = ours.build(spec)

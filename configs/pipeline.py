@@ -20,6 +20,9 @@ def _stage(trainer, *, steps, batch, lr, preset, data_kw):
                                 **data_kw)
   config.checkpoint.every = 0
   config.optimizer.schedule = "warmup_constant"
+  if trainer in ("preference", "reward_model"):
+    # One packed [prompt | chosen | rejected] row per pair (exact).
+    config.share_prompt = True
   return config
 
 
