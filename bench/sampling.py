@@ -15,22 +15,30 @@ for batch ``B`` in {1, 32} and ``T`` in {128, 512}:
   (``.venv-oracle``), in a subprocess that loads the *same weights*: our
   model is exported with `alignment.models.export_hf_checkpoint`, so the
   two greedy outputs are compared too (``agree``: fraction of generated
-  tokens equal to ours, position by position, first row).
+  tokens equal to ours, position by position, first row);
+* ``tunix``: Tunix's ``tunix.generate.sampler.Sampler`` (greedy, KV cache
+  of ``P + T`` slots, float32) on Tunix's own ``Llama3`` model, loaded from
+  the same exported checkpoint with Tunix's safetensors loader, from
+  ``.venv-tunix`` (``bench/peers/tunix_sampler_worker.py``, a persistent
+  subprocess under the same XLA flags as ours); its outputs are compared
+  with ours the same way. Skipped, with the reason printed, when the venv
+  is missing or with ``--no-tunix``.
 
 EOS is disabled on every side (``eos_id=-1`` here, ``eos_token_id=None``
-there), so every run produces exactly ``B·T`` tokens. Time is wall time of
-the whole call (prefill included, compile excluded), in rounds that run
-``cache`` and ``hf`` in turn (A B A B ...); ratios are medians of per-round
+there, an id outside the vocabulary for Tunix), so every run produces
+exactly ``B·T`` tokens. Time is wall time of the whole call (prefill
+included, compile excluded), in rounds that run ``cache``, ``hf`` and
+``tunix`` in turn (A B C A B C ...); ratios are medians of per-round
 ratios, so slow drift of a shared machine cancels. ``hf`` runs under glibc
 malloc and, when ``libjemalloc.so.2`` is found, also under jemalloc
 (``LD_PRELOAD``); ratios are against the faster of the two. ``no-cache``
 runs once per cell (``--no-cache-budget`` skips cells predicted to take
-longer; the prediction is printed instead, marked ``~``). Both sides run
+longer; the prediction is printed instead, marked ``~``). All sides run
 on one thread by default (``--threads``: ``torch.set_num_threads``, and
-XLA's Eigen pool off): on a loaded machine two-thread torch ``generate``
-ran about ten times slower than one-thread. The ratio of process CPU
-times is printed too; timesharing with other jobs disturbs it less than
-wall time.
+XLA's Eigen pool off, also in the Tunix worker): on a loaded machine
+two-thread torch ``generate`` ran about ten times slower than one-thread.
+The ratio of process CPU times is printed too; timesharing with other jobs
+disturbs it less than wall time.
 
 A second table times the cost of one decode step (process CPU time) at
 prefix positions {16, 64, 128, 256, 512}, batch 32: ``S=528`` is a step
@@ -45,7 +53,10 @@ over empty slots is what the second column saves.
 Configurations (Llama layout, byte vocabulary V = 260, tied embeddings):
 ``tiny`` is the tiny preset (D 64, 2 layers, d_ff 128), dominated by
 per-step overheads; ``d256`` is D 256, 4 layers, 4 heads (2 KV), head dim
-64, d_ff 704 (3.0M parameters), small but not trivial.
+64, d_ff 704 (3.0M parameters), small but not trivial. Both use RoPE base
+1e6 (``rope_theta``), the base Tunix 0.1.7's ``Llama3`` applies whatever
+its config says, so that all sides compute the same function (the base
+does not change the cost).
 
   python bench/sampling.py             # both configs, full grid
   python bench/sampling.py --quick     # tiny only, T in {32, 64}, 1 round
@@ -66,14 +77,19 @@ import time
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 _ORACLE_PYTHON = _ROOT / ".venv-oracle" / "bin" / "python"
+_TUNIX_PYTHON = _ROOT / ".venv-tunix" / "bin" / "python"
+_TUNIX_WORKER = _ROOT / "bench" / "peers" / "tunix_sampler_worker.py"
 _JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 _PROMPT_LEN = 16
 _POSITIONS = (16, 64, 128, 256, 512)
 _STEPS_PER_TIMING = 16
 
+# rope_theta 1e6: Tunix 0.1.7's Llama3 ignores its config's rope_theta and
+# always uses 1e6 (see bench/peers/tunix_sampler_worker.py).
 _CONFIGS = {
-  "tiny": dict(max_len=2048, init_std=0.2),
+  "tiny": dict(max_len=2048, init_std=0.2, rope_theta=1e6),
   "d256": dict(
+    rope_theta=1e6,
     d_model=256,
     n_layers=4,
     n_heads=4,
@@ -170,6 +186,53 @@ class _HfClient:
   def close(self):
     self.proc.stdin.close()
     self.proc.wait(timeout=60)
+
+
+class _TunixClient:
+  """A persistent Tunix sampler worker in ``.venv-tunix``."""
+
+  allocator = "tunix"
+
+  def __init__(self):
+    env = dict(os.environ)  # the same XLA_FLAGS (threads) as ours
+    env.pop("LD_PRELOAD", None)
+    self.proc = subprocess.Popen(
+      [str(_TUNIX_PYTHON), str(_TUNIX_WORKER)],
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      env=env,
+      text=True,
+    )
+
+  def generate(self, model_dir, prompts, new_tokens, pad_id=None):
+    del pad_id  # the worker pads with an id outside the vocabulary
+    req = dict(
+      model_dir=str(model_dir), prompts=prompts.tolist(), new_tokens=new_tokens
+    )
+    self.proc.stdin.write(json.dumps(req) + "\n")
+    self.proc.stdin.flush()
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError("Tunix worker died")
+    reply = json.loads(line)
+    if "error" in reply:
+      raise RuntimeError(f"Tunix sampler: {reply['error']}")
+    return reply
+
+  def close(self):
+    self.proc.stdin.close()
+    self.proc.wait(timeout=60)
+
+
+def _tunix_client(args):
+  """`_TunixClient`, or None with the reason printed."""
+  if args.no_tunix:
+    print("tunix side: skipped (--no-tunix)", flush=True)
+    return None
+  if not _TUNIX_PYTHON.exists():
+    print(f"tunix side: skipped ({_TUNIX_PYTHON} not found)", flush=True)
+    return None
+  return _TunixClient()
 
 
 # --------------------------------------------------------------------------
@@ -288,7 +351,9 @@ def _median_ratio(num, den):
   return statistics.median(a / b for a, b in zip(num, den, strict=True))
 
 
-def _throughput_table(name, config, model, args, clients, workdir, results):
+def _throughput_table(
+  name, config, model, args, clients, tunix, workdir, results
+):
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
   from flax import nnx  # noqa: PLC0415
@@ -316,21 +381,36 @@ def _throughput_table(name, config, model, args, clients, workdir, results):
       ours = np.asarray(out.completion_tokens[0])
       for c in clients:  # warm-up (first-call costs)
         c.generate(model_dir, prompts, 4, config.pad_id)
-      wall = {"cache": [], **{c.allocator: [] for c in clients}}
+      tunix_compile_s, tunix_error = None, None
+      if tunix is not None:  # compiles per (B, P, T): warm up the full call
+        try:
+          tunix_compile_s = tunix.generate(model_dir, prompts, new)["seconds"]
+        except RuntimeError as e:
+          tunix_error = str(e)
+          print(f"  tunix B={batch} T={new}: not run: {e}", flush=True)
+      peers = list(clients)
+      if tunix is not None and tunix_error is None:
+        peers.append(tunix)
+      wall = {"cache": [], **{c.allocator: [] for c in peers}}
       cpu = {k: [] for k in wall}
       agree = {}
-      for _ in range(args.rounds):  # A B A B ...
+      for _ in range(args.rounds):  # A B C A B C ...
         seconds, cpu_seconds, _ = _time(cache_run)
         wall["cache"].append(seconds)
         cpu["cache"].append(cpu_seconds)
-        for c in clients:
+        for c in peers:
           reply = c.generate(model_dir, prompts, new, config.pad_id)
           wall[c.allocator].append(reply["seconds"])
           cpu[c.allocator].append(reply["cpu_seconds"])
           agree[c.allocator] = _agree(ours, reply["first_row"])
-          results["hf_versions"] = reply["versions"] | dict(
-            threads=reply["threads"]
-          )
+          if c is tunix:
+            results["tunix_versions"] = reply["versions"] | dict(
+              rope_theta=reply["rope_theta"]
+            )
+          else:
+            results["hf_versions"] = reply["versions"] | dict(
+              threads=reply["threads"]
+            )
       hf = [c.allocator for c in clients]
       best = min(hf, key=lambda k: statistics.median(wall[k]))
       row = dict(
@@ -348,6 +428,15 @@ def _throughput_table(name, config, model, args, clients, workdir, results):
         agree=agree[best],
         rounds=args.rounds,
       )
+      if "tunix" in wall:
+        row.update(
+          tunix_compile_s=tunix_compile_s,
+          cache_over_tunix=_median_ratio(wall["tunix"], wall["cache"]),
+          cache_over_tunix_cpu=_median_ratio(cpu["tunix"], cpu["cache"]),
+          agree_tunix=agree["tunix"],
+        )
+      elif tunix_error is not None:
+        row["tunix_error"] = tunix_error
       # No-cache: one timed run, unless predicted (from the previous cell of
       # this batch, scaled by the prefix work) to exceed the budget.
       work = sum(
@@ -416,15 +505,26 @@ def _position_table(name, model, args):
 def _print_row(row):
   t = row["tok_s"]
   hf = "  ".join(
-    f"hf[{k}] {t[k]:8.0f}" for k in sorted(t) if k not in ("cache", "no-cache")
+    f"hf[{k}] {t[k]:8.0f}"
+    for k in sorted(t)
+    if k not in ("cache", "no-cache", "tunix")
   )
+  tunix = ""
+  if "tunix" in t:
+    tunix = (
+      f"\n        tunix {t['tunix']:8.0f} tok/s | cache/tunix "
+      f"{row['cache_over_tunix']:5.2f}x (CPU time "
+      f"{row['cache_over_tunix_cpu']:5.2f}x)  agree {row['agree_tunix']:.2f}"
+      f"  (tunix compile+first call {row['tunix_compile_s']:.1f} s)"
+    )
   mark = " " if row["no_cache_measured"] else "~"
   print(
     f"  {row['config']:5s} B={row['batch']:<3d} T={row['new_tokens']:<4d} "
     f"tok/s: cache {t['cache']:8.0f}  {hf}  no-cache {mark}{t['no-cache']:7.0f}"
     f"  | cache/hf {row['cache_over_hf']:5.2f}x (CPU time "
     f"{row['cache_over_hf_cpu']:5.2f}x)  cache/no-cache "
-    f"{mark}{row['cache_over_no_cache']:6.1f}x  agree {row['agree']:.2f}",
+    f"{mark}{row['cache_over_no_cache']:6.1f}x  agree {row['agree']:.2f}"
+    + tunix,
     flush=True,
   )
 
@@ -450,6 +550,9 @@ def main():
     help="skip no-cache cells predicted to take longer (seconds)",
   )
   parser.add_argument("--no-positions", action="store_true")
+  parser.add_argument(
+    "--no-tunix", action="store_true", help="skip the Tunix sampler side"
+  )
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--json", help="write the results here")
   args = parser.parse_args()
@@ -478,6 +581,7 @@ def main():
     flush=True,
   )
   clients = [_HfClient(a, args.threads) for a in allocators]
+  tunix = _tunix_client(args)
   results = {"throughput": [], "positions": [], "args": vars(args)}
   try:
     with tempfile.TemporaryDirectory() as tmp:
@@ -485,14 +589,22 @@ def main():
         config, model = _build(name)
         print(f"\n{name}: {config.num_params() / 1e6:.2f}M params", flush=True)
         _throughput_table(
-          name, config, model, args, clients, pathlib.Path(tmp), results
+          name,
+          config,
+          model,
+          args,
+          clients,
+          tunix,
+          pathlib.Path(tmp),
+          results,
         )
         if not args.no_positions:
           results["positions"] += _position_table(name, model, args)
   finally:
-    for c in clients:
+    for c in clients + ([tunix] if tunix is not None else []):
       c.close()
   print(f"\ntransformers side: {results.get('hf_versions')}")
+  print(f"tunix side: {results.get('tunix_versions')}")
   print(f"load average at the end: {os.getloadavg()[0]:.1f}")
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(results, indent=1))
