@@ -54,6 +54,7 @@ import json
 import os
 import pathlib
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -435,6 +436,7 @@ def main():
   finally:
     if trl is not None:
       trl.close()
+      shutil.rmtree(workdir, ignore_errors=True)
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(results, indent=1))
 
