@@ -137,7 +137,8 @@ class LettersTask:
     rng = np.random.default_rng([seed, 2])
     ga = self.gold_rewards(prompts, completions_a)
     gb = self.gold_rewards(prompts, completions_b)
-    p_a = 1.0 / (1.0 + np.exp(-(ga - gb) / self.label_temperature))
+    # σ(x) as (1 + tanh(x / 2)) / 2: no overflow for large |x|.
+    p_a = 0.5 * (1.0 + np.tanh(0.5 * (ga - gb) / self.label_temperature))
     take_a = rng.random(len(prompts)) < p_a
     rows = []
     for i, prompt in enumerate(prompts):
