@@ -61,16 +61,24 @@ class _Backbone(nnx.Module):
     return self.transformer(tokens, **kwargs)
 
   def _features(self, tokens, attention_mask, positions, index=None):
-    """float32 ``[B, D]`` hidden state at ``index`` (default: last real)."""
-    hidden = self.transformer(
-      tokens, positions=positions, attention_mask=attention_mask
-    )
+    """float32 ``[B, D]`` hidden state at ``index`` (default: last real).
+
+    Only that position runs through the last block
+    (``Transformer(output_index=...)``).
+    """
+    b, length = jnp.shape(tokens)
     if index is None:
       if attention_mask is None:
-        index = jnp.full((hidden.shape[0],), hidden.shape[1] - 1, jnp.int32)
+        index = jnp.full((b,), length - 1, jnp.int32)
       else:
         index = last_token_index(attention_mask)
-    return _f32(_gather(hidden, jnp.asarray(index, jnp.int32)))
+    hidden = self.transformer(
+      tokens,
+      positions=positions,
+      attention_mask=attention_mask,
+      output_index=jnp.asarray(index, jnp.int32)[:, None],
+    )
+    return _f32(hidden[:, 0])
 
   def score_at(self, tokens, index, **kwargs):
     """The head's output at ``R`` token indices per row, in one forward.
@@ -89,9 +97,8 @@ class _Backbone(nnx.Module):
       The output of ``__call__`` for ``R * B`` sequences, r-major (output
       row ``r * B + b`` reads ``index[b, r]``).
     """
-    hidden = self.transformer(tokens, **kwargs)
     index = jnp.asarray(index, jnp.int32)
-    features = jnp.take_along_axis(hidden, index[..., None], axis=1)
+    features = self.transformer(tokens, output_index=index, **kwargs)
     features = jnp.swapaxes(features, 0, 1)  # [R, B, D]
     return self._head(_f32(features.reshape(-1, features.shape[-1])))
 

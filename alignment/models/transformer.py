@@ -297,7 +297,7 @@ class Attention(nnx.Module):
       self.q_norm = _param(keys, c, (n,), ("kv",), "ones")
       self.k_norm = _param(keys, c, (n,), ("kv",), "ones")
 
-  def __call__(self, x, cos, sin, allowed, cache=None):
+  def __call__(self, x, cos, sin, allowed, cache=None, query_index=None):
     """Attention for ``x`` [B, L, D].
 
     Args:
@@ -308,6 +308,9 @@ class Attention(nnx.Module):
       cache: None, or ``(k_cache, v_cache, index)``: this layer's cache
         buffers ``[B, KV, S, N]`` and the first slot (int32 scalar) the
         ``L`` new keys/values are written to.
+      query_index: optional int ``[B, R]`` (no cache): only the queries at
+        these indices of ``x`` are computed (keys and values for all
+        ``L``); the output is then ``[B, R, D]``.
 
     Returns:
       ``(out [B, L, D], (k_cache, v_cache) updated, or None)``.
@@ -315,7 +318,14 @@ class Attention(nnx.Module):
     c = self.config
     dtype = jnp.dtype(c.dtype)
     w = lambda p: p[...].astype(dtype)  # noqa: E731
-    q = _linear(x, w(self.q_kernel))
+    cos_q, sin_q, x_q = cos, sin, x
+    if query_index is not None:
+      take = lambda a: jnp.take_along_axis(a, query_index[..., None], 1)  # noqa: E731
+      x_q = take(x)
+      allowed = jnp.take_along_axis(allowed, query_index[..., None], 1)
+      if cos is not None:
+        cos_q, sin_q = take(cos), take(sin)
+    q = _linear(x_q, w(self.q_kernel))
     k = _linear(x, w(self.k_kernel))
     v = _linear(x, w(self.v_kernel))
     if c.qkv_bias:
@@ -326,7 +336,7 @@ class Attention(nnx.Module):
       q = _rms(q, self.q_norm[...], c.norm_eps)
       k = _rms(k, self.k_norm[...], c.norm_eps)
     if cos is not None:
-      q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+      q, k = _apply_rope(q, cos_q, sin_q), _apply_rope(k, cos, sin)
     q = constrain(q, ("batch", "length", "heads", "kv"))
     k = constrain(k, ("batch", "length", "kv_heads", "kv"))
     v = constrain(v, ("batch", "length", "kv_heads", "kv"))
@@ -438,8 +448,14 @@ class Block(nnx.Module):
     self.mlp_norm = Norm(config, config.d_model)
     self.mlp = Mlp(config, keys=keys.child())
 
-  def __call__(self, x, cos, sin, allowed, cache=None):
-    attn, new_kv = self.attn(self.attn_norm(x), cos, sin, allowed, cache)
+  def __call__(self, x, cos, sin, allowed, cache=None, query_index=None):
+    """``(x', new_kv)``; with ``query_index`` ``[B, R]``, ``x'`` only at
+    those indices (``[B, R, D]``), the block's output there unchanged."""
+    attn, new_kv = self.attn(
+      self.attn_norm(x), cos, sin, allowed, cache, query_index
+    )
+    if query_index is not None:
+      x = jnp.take_along_axis(x, query_index[..., None], 1)
     if self.parallel:
       x = x + attn + self.mlp(self.mlp_norm(x))
     else:
@@ -561,7 +577,8 @@ class Transformer(nnx.Module):
     prefix_ids: Int[In, "B L"] | None = None,
     cache: KVCache | None = None,
     decode: bool = False,
-  ) -> Float[Out, "B L D"] | tuple[Float[Out, "B L D"], KVCache]:
+    output_index: Int[In, "B R"] | None = None,
+  ) -> Float[Out, "B _ D"] | tuple[Float[Out, "B L D"], KVCache]:
     """Final-normed hidden states of ``tokens``.
 
     Args:
@@ -582,10 +599,17 @@ class Transformer(nnx.Module):
       cache: a `KVCache` to write this chunk into (prefill or decode).
       decode: must be True only together with ``cache`` (kept for clarity
         at call sites: ``model(tok, cache=c, decode=True)``).
+      output_index: optional int ``[B, R]`` (no cache): return only the
+        hidden states at these token indices, ``[B, R, D]``, equal to
+        ``take_along_axis(hidden, output_index)``. The last block then
+        computes its keys and values at every position but its queries,
+        attention output, residual and MLP only at these ``R`` (a reward
+        model reads one or two positions per row: the last block costs
+        about its K/V projections instead of all of it).
 
     Returns:
-      ``[B, L, D]`` hidden states in ``config.dtype`` or, with a cache,
-      ``(hidden, new_cache)``.
+      ``[B, L, D]`` hidden states in ``config.dtype`` (``[B, R, D]`` with
+      ``output_index``) or, with a cache, ``(hidden, new_cache)``.
     """
     c = self.config
     if decode and cache is None:
@@ -596,6 +620,8 @@ class Transformer(nnx.Module):
       raise ValueError(
         "prefix_ids need segment_ids and are not supported with a KV cache."
       )
+    if output_index is not None and cache is not None:
+      raise ValueError("output_index is not supported with a KV cache.")
     tokens = jnp.asarray(tokens)
     b, length = tokens.shape
     if attention_mask is None:
@@ -654,8 +680,12 @@ class Transformer(nnx.Module):
       )
 
     new_k, new_v = [], []
+    last = len(self.layers) - 1
     for i, block in enumerate(self.layers):
-      if cache is not None:
+      if output_index is not None and i == last:
+        index = jnp.asarray(output_index, jnp.int32)
+        x = block(x, cos, sin, allowed, query_index=index)[0]
+      elif cache is not None:
         x, (k_i, v_i) = block(
           x, cos, sin, allowed, (cache.k[i], cache.v[i], cache.index)
         )

@@ -5,6 +5,7 @@ is checked against itself (cache vs full recompute, packed vs separate) and
 its pieces against float64 NumPy transcriptions.
 """
 
+import functools
 import math
 
 import jax
@@ -187,6 +188,92 @@ class RopeTest(absltest.TestCase):
     angle = 2 * inv[0]
     want = x[0, 2, 0, 0] * np.cos(angle) - x[0, 2, 0, 2] * np.sin(angle)
     np.testing.assert_allclose(y[0, 2, 0, 0], want, rtol=1e-5)
+
+
+class OutputIndexTest(parameterized.TestCase):
+  """``Transformer(output_index=...)``: the last block only at R positions."""
+
+  @parameterized.named_parameters(
+    ("rope", tiny.ROPE),
+    ("learned", tiny.LEARNED),
+    ("neox_parallel_residual", tiny.NEOX),
+    ("remat", tiny.ROPE.replace(remat=True)),
+  )
+  def test_equals_gathered_full_hidden_states_and_gradients(self, config):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, config.vocab_size, size=(3, 9)).astype(np.int32)
+    mask = np.ones((3, 9), bool)
+    mask[1, :3] = False  # left padding
+    mask[2, -2:] = False  # right padding
+    # Two positions per row, in any order, one repeated.
+    index = np.array([[8, 2], [3, 8], [6, 6]], np.int32)
+    weights = rng.normal(size=(3, 2, config.d_model)).astype(np.float32)
+    graphdef, params = nnx.split(_model(config))
+
+    def run(params, gathered):
+      tr_ = nnx.merge(graphdef, params).transformer
+      if gathered:
+        h = tr_(tokens, attention_mask=mask)
+        h = jnp.take_along_axis(h, jnp.asarray(index)[..., None], 1)
+      else:
+        h = tr_(tokens, attention_mask=mask, output_index=index)
+      return jnp.sum(jnp.tanh(h) * weights), h
+
+    def compiled(gathered):
+      fn = functools.partial(run, gathered=gathered)
+      return tiny.compile_fast(jax.value_and_grad(fn, has_aux=True), params)
+
+    (v_want, h_want), g_want = compiled(True)(params)
+    (v_got, h_got), g_got = compiled(False)(params)
+    self.assertEqual(h_got.shape, (3, 2, config.d_model))
+    np.testing.assert_allclose(h_got, h_want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(v_got, v_want, atol=1e-5, rtol=1e-5)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
+      g_got,
+      g_want,
+    )
+
+  def test_packed_shared_prefix_rows(self):
+    """``[prompt | chosen | rejected]`` rows read at each completion's end."""
+    config = tiny.ROPE
+    tokens = (np.arange(24, dtype=np.int32).reshape(2, 12) % 50) + 3
+    segments = np.array([[1] * 4 + [2] * 4 + [3] * 4] * 2, np.int32)
+    prefix = np.array([[0] * 4 + [1] * 8] * 2, np.int32)
+    index = np.array([[7, 11], [7, 11]], np.int32)
+    tr_ = _model(config).transformer
+    kw = dict(segment_ids=segments, prefix_ids=prefix)
+    want = np.take_along_axis(
+      np.asarray(tr_(tokens, **kw)), index[..., None], 1
+    )
+    got = tr_(tokens, output_index=index, **kw)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+  def test_last_block_flops_shrink_and_cache_refused(self):
+    config = tiny.ROPE.replace(n_layers=1)
+    graphdef, params = nnx.split(_model(config))
+    tokens = np.zeros((2, 64), np.int32) + 3
+
+    def flops(index):
+      fn = lambda p: nnx.merge(graphdef, p).transformer(  # noqa: E731
+        tokens, output_index=index
+      )
+      cost = jax.jit(fn).lower(params).compile().cost_analysis()
+      cost = cost[0] if isinstance(cost, list) else cost
+      return cost["flops"]
+
+    full = flops(None)
+    one = flops(np.full((2, 1), 63, np.int32))
+    # One block: only its K/V projections still run at all 64 positions.
+    self.assertLess(one, 0.5 * full)
+    model = _model(config)
+    with self.assertRaisesRegex(ValueError, "output_index"):
+      model.transformer(
+        tokens[:, :4],
+        cache=model.init_cache(2, 8),
+        decode=True,
+        output_index=np.zeros((2, 1), np.int32),
+      )
 
 
 class LmTest(absltest.TestCase):
