@@ -10,12 +10,14 @@ What it does:
    (``bench/peers/setup_venvs.py``: ``.venv-oracle`` with torch 2.13.0 CPU,
    trl 1.16.0, transformers 5.23.0; ``.venv-tunix`` with google-tunix 0.1.7)
    and looks for jemalloc (``libjemalloc2``).
-2. Runtime-settings probe, per preset: the DPO step under glibc malloc and
-   under jemalloc (``LD_PRELOAD``) for our JAX side; for TRL also with one
-   torch thread (``OMP_NUM_THREADS=1``: on a loaded machine OpenMP's
-   spinning threads can slow torch several times). Each framework then
-   runs that preset's benchmarks under the setting that served it best
-   (JAX's choice also applies to Tunix, which shares XLA's runtime).
+2. Runtime-settings probe, per preset and for the DPO and the reward-model
+   step each: the step under glibc malloc and under jemalloc
+   (``LD_PRELOAD``) for our JAX side; for TRL also with one torch thread
+   (``OMP_NUM_THREADS=1``: on a loaded machine OpenMP's spinning threads
+   can slow torch several times). Each framework then runs that step under
+   the setting that served it best (GRPO and the long pairs under the DPO
+   step's; JAX's choice also applies to Tunix, which shares XLA's
+   runtime).
 3. For the ``tiny`` and ``small`` presets, the DPO train step (ours, TRL
    ``DPOTrainer`` in float32 and with TRL's defaults, Tunix ``DPOTrainer``),
    the reward-model train step (ours, TRL ``RewardTrainer``) and one GRPO
@@ -73,6 +75,8 @@ SCRIPT = {
   "tunix": HERE / "peers" / "tunix_worker.py",
 }
 FRAMEWORK = {"ours": "jax", "tunix": "jax", "trl": "torch"}
+# Steps whose runtime settings are probed each (the others use DPO's).
+PROBED_TASKS = ("dpo", "rm")
 LABEL = {
   "ours": "ours (alignment, JAX)",
   "trl": "TRL 1.16, fp32, no grad. ckpt",
@@ -540,50 +544,59 @@ def main():
   print(json.dumps(run["machine"]), flush=True)
   results = {}
 
-  # Runtime settings per framework and preset: allocator (glibc or
+  # Runtime settings per framework, preset and step: allocator (glibc or
   # jemalloc) and, for torch, intra-op threads (all cores, or 1: on a
   # loaded machine OpenMP's spinning threads can cost torch several times).
+  # The DPO and RM steps are probed each (one allocator can suit one step
+  # and not the other: the tiny RM step ran 1.5x slower under jemalloc);
+  # GRPO and the long pairs use the DPO step's choice.
   default = "jemalloc" if jemalloc and args.allocator != "glibc" else "glibc"
   chosen = {}
   run["settings"] = {}
   for preset in args.presets.split(","):
-    chosen[preset] = {"jax": default, "torch": default}
-    if not (args.allocator == "auto" and "dpo" in only):
-      continue
-    probe = ["ours@glibc"] + (["ours@jemalloc"] if jemalloc else [])
-    if "trl" not in unavailable:
-      probe += ["trl@glibc"] + (
-        ["trl@jemalloc", "trl@jemalloc,t1"] if jemalloc else ["trl@glibc,t1"]
+    chosen[preset] = {
+      task: {"jax": default, "torch": default} for task in PROBED_TASKS
+    }
+    for task in PROBED_TASKS:
+      if not (args.allocator == "auto" and task in only):
+        continue
+      probe = ["ours@glibc"] + (["ours@jemalloc"] if jemalloc else [])
+      if "trl" not in unavailable:
+        probe += ["trl@glibc"] + (
+          ["trl@jemalloc", "trl@jemalloc,t1"] if jemalloc else ["trl@glibc,t1"]
+        )
+      res = run_benchmark(
+        f"settings_{task}_{preset}",
+        probe,
+        lambda side, preset=preset, task=task: make_spec(
+          task, preset, args, side.split("@")[0]
+        ),
+        args,
+        lambda side: runtime_env(side.split("@")[1], jemalloc),
+        notes={"purpose": "pick each framework's allocator and threads"},
       )
-    res = run_benchmark(
-      f"settings_dpo_{preset}",
-      probe,
-      lambda side, preset=preset: make_spec(
-        "dpo", preset, args, side.split("@")[0]
-      ),
-      args,
-      lambda side: runtime_env(side.split("@")[1], jemalloc),
-      notes={"purpose": "pick each framework's allocator and threads"},
-    )
-    results[res["name"]] = res
-    (out_dir / f"{res['name']}.json").write_text(json.dumps(res, indent=1))
-    for fw, base in (("jax", "ours"), ("torch", "trl")):
-      ok = {
-        side.split("@")[1]: e["median_step_s"]
-        for side, e in res["sides"].items()
-        if side.startswith(base + "@") and e.get("status") == "ok"
-      }
-      if ok:
-        chosen[preset][fw] = min(ok, key=ok.get)
+      res.update(probe_task=task, preset=preset)
+      results[res["name"]] = res
+      (out_dir / f"{res['name']}.json").write_text(json.dumps(res, indent=1))
+      for fw, base in (("jax", "ours"), ("torch", "trl")):
+        ok = {
+          side.split("@")[1]: e["median_step_s"]
+          for side, e in res["sides"].items()
+          if side.startswith(base + "@") and e.get("status") == "ok"
+        }
+        if ok:
+          chosen[preset][task][fw] = min(ok, key=ok.get)
   run["settings"] = {"chosen": chosen, "jemalloc_path": jemalloc}
   (out_dir / "run.json").write_text(json.dumps(run, indent=1))
   print(f"runtime settings: {chosen}", flush=True)
 
-  def env_for(preset):
+  def env_for(preset, task="dpo"):
+    setting = chosen[preset][task if task in PROBED_TASKS else "dpo"]
+
     def env_of(side):
       base = side.split("@")[0]
       fw = FRAMEWORK["trl" if base.startswith("trl") else base]
-      return runtime_env(chosen[preset][fw], jemalloc)
+      return runtime_env(setting[fw], jemalloc)
 
     return env_of
 
@@ -614,7 +627,7 @@ def main():
           task, preset, args, side
         ),
         args,
-        env_for(preset),
+        env_for(preset, task),
         notes,
       )
       res.update(
@@ -659,7 +672,7 @@ def main():
     )
   for key in ("logprobs", "sampling", "data"):
     if key in results:
-      results[key]["allocator"] = chosen[ext_preset]["jax"]
+      results[key]["allocator"] = chosen[ext_preset]["dpo"]["jax"]
       (out_dir / f"{key}.json").write_text(json.dumps(results[key], indent=1))
 
   run["machine"]["load_average_end"] = os.getloadavg()
@@ -677,7 +690,7 @@ def render_only(out_dir):
   names = run.get("benchmarks") or [
     f"{kind}_{preset}"
     for preset in ("tiny", "small")
-    for kind in ("settings_dpo", "dpo", "rm", "grpo", "dpo_long")
+    for kind in ("settings_dpo", "settings_rm", "dpo", "rm", "grpo", "dpo_long")
   ] + ["logprobs", "sampling", "data"]
   results = {}
   for name in names:
@@ -696,6 +709,19 @@ def render_only(out_dir):
 # ----------------------------------------------------------------------------
 
 
+def _settings_text(preset, c):
+  """``chosen[preset]``: per probed step (or, in older runs, one setting)."""
+  if "jax" in c:
+    return (
+      f"{preset}: JAX sides (ours, Tunix) {c['jax']}, torch (TRL) {c['torch']}"
+    )
+  return f"{preset}: " + ", ".join(
+    f"{task.upper() if task != 'rm' else 'RM'} step JAX {s['jax']} / torch"
+    f" {s['torch']}"
+    for task, s in c.items()
+  )
+
+
 def _fmt_ratio(x):
   return "–" if x is None else f"{x:.2f}x"
 
@@ -710,7 +736,7 @@ def render_table(run, results):
     f"machine: compare ratios, not absolute figures). Runtime settings "
     f"(allocator[,torch threads], the faster of each framework's probe): "
     + "; ".join(
-      f"{preset}: JAX sides (ours, Tunix) {c['jax']}, torch (TRL) {c['torch']}"
+      _settings_text(preset, c)
       for preset, c in run["settings"]["chosen"].items()
     )
     + (
@@ -751,7 +777,11 @@ def render_table(run, results):
         f"(V={spec['model']['vocab_size']}, {shape})"
       )
     else:
-      title = f"runtime-settings probe, {key.rsplit('_', 1)[1]} DPO step"
+      probed = res.get("probe_task", "dpo")
+      title = (
+        f"runtime-settings probe, {key.rsplit('_', 1)[1]} "
+        f"{TASK_TITLE[probed].split(' train')[0]} step"
+      )
     for side, e in res["sides"].items():
       if e["status"] != "ok":
         lines.append(
