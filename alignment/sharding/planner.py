@@ -34,8 +34,10 @@ its backward pass, per token,
 
 (``c_D`` = 4 norm inputs/outputs, 3 for parallel residuals; ``g`` = 1 for
 gated MLPs; the last term is the float32 attention probabilities, which the
-model materialises). Without remat the step keeps ``n_layers`` of these;
-with remat the ``D``-wide block inputs plus one block's set. On top: one
+model materialises). Without remat the step keeps ``n_layers`` of these
+(``n_layers - 1`` for the scalar reward heads, whose last block runs only
+at the read positions apart from its keys and values); with remat the
+``D``-wide block inputs plus one block's set. On top: one
 block's backward working set, the fused LM head's tiles and float32
 unembedding gradient (`WeightTemporaries`), every gradient at the end of the
 backward pass (`Plan.step_peak` takes the larger end), the reference
@@ -581,6 +583,13 @@ def activation_bytes(
   block = tokens * per_token
   if remat:
     saved = c.n_layers * tokens * a * d + block
+  elif workload.model_kind == "reward":
+    # Scalar heads read one position per sequence
+    # (``Transformer(output_index=...)``): the last block keeps only its
+    # normed input and keys / values at every token, and they are freed
+    # once its (small) backward is done, before the next block's working
+    # set peaks: the peak holds the other blocks' saved sets.
+    saved = (c.n_layers - 1) * block
   else:
     saved = c.n_layers * block
   # Backward of one block: gradients of its activations (about one block's
