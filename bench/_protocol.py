@@ -42,6 +42,15 @@ def peak_rss_kib() -> int:
   return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
+def proc_status_kib(field: str) -> int:
+  """A ``/proc/self/status`` field in KiB (``VmRSS``, ``VmHWM``, ...)."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1])
+  raise KeyError(field)
+
+
 def read_spec() -> dict:
   """The benchmark spec: JSON in ``argv[1]`` (written by ``run_all.py``)."""
   return json.loads(sys.argv[1])

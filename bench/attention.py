@@ -43,6 +43,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _protocol  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -129,14 +130,6 @@ def attention_table(args):
   return rows
 
 
-def _proc_status_kib(field):
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(field + ":"):
-        return int(line.split()[1])
-  raise KeyError(field)
-
-
 def _dpo_child(impl, warmup):
   """In a subprocess: one small-preset DPO step with ``attention_impl``."""
   import ours  # noqa: PLC0415
@@ -154,14 +147,14 @@ def _dpo_child(impl, warmup):
     built.step()
   with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
-  before = _proc_status_kib("VmRSS")
+  before = _protocol.proc_status_kib("VmRSS")
   start = time.perf_counter()
   built.step()
   seconds = time.perf_counter() - start
   out = dict(
     impl=impl,
     step_s=seconds,
-    step_rss_growth_mib=(_proc_status_kib("VmHWM") - before) / 1024,
+    step_rss_growth_mib=(_protocol.proc_status_kib("VmHWM") - before) / 1024,
     peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
   )
   print(json.dumps(out))

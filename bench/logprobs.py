@@ -61,6 +61,7 @@ import sys
 import tempfile
 import time
 
+import _protocol  # bench/ is on sys.path: the script's own folder
 import numpy as np
 
 if "--trl-worker" not in sys.argv:  # the TRL worker's venv has no JAX
@@ -155,9 +156,9 @@ def _trl_worker():
       )
       with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-      before = _proc_status_kib("VmRSS")
+      before = _protocol.proc_status_kib("VmRSS")
       run(state["h"], state["w"], state["t"], state["c"])
-      reply = dict(rss_kib=_proc_status_kib("VmHWM") - before)
+      reply = dict(rss_kib=_protocol.proc_status_kib("VmHWM") - before)
     print(json.dumps(reply), flush=True)
 
 
@@ -288,14 +289,6 @@ def _compiled_bytes(name, args, inputs):
   return mem.temp_size_in_bytes + mem.output_size_in_bytes
 
 
-def _proc_status_kib(field):
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(field + ":"):
-        return int(line.split()[1])
-  raise KeyError(field)
-
-
 def _rss_child(args):
   """Runs in a subprocess: prints the RSS growth from running (not compiling).
 
@@ -309,9 +302,9 @@ def _rss_child(args):
   jax.block_until_ready((inputs, extra))
   with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
-  before = _proc_status_kib("VmRSS")
+  before = _protocol.proc_status_kib("VmRSS")
   jax.block_until_ready(compiled(*inputs, *extra))
-  print(json.dumps({"rss_kib": _proc_status_kib("VmHWM") - before}))
+  print(json.dumps({"rss_kib": _protocol.proc_status_kib("VmHWM") - before}))
 
 
 def _rss_bytes(name, args):
