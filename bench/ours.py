@@ -136,7 +136,8 @@ def build(spec) -> Built:
   import numpy as np
   from flax import nnx
 
-  from alignment import models
+  from alignment import config_lib, models
+  from alignment import sharding as sharding_lib
   from alignment.data.batches import PreferenceBatch
   from alignment.trainers import common
 
@@ -147,9 +148,24 @@ def build(spec) -> Built:
     **spec.get("model_overrides", {}),
   )
   kind = "reward" if task == "rm" else "causal_lm"
-  model = models.build_model(kind, cfg, rngs=nnx.Rngs(spec.get("seed", 0)))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  del model
+  # As the trainers build it (`trainers._setup`): the default mesh (a data
+  # axis over every visible device) and logical-axis rules, parameters born
+  # sharded by one jitted initialisation. With N host devices
+  # (``--xla_force_host_platform_device_count``) the pair steps run
+  # data-parallel over N cores, as on N accelerators.
+  mesh = sharding_lib.make_mesh(
+    [tuple(axis) for axis in spec.get("mesh", config_lib.DEFAULT_MESH)]
+  )
+  rules = config_lib.DEFAULT_RULES
+  sharded = common.create_sharded_model(
+    lambda rngs: models.build_model(kind, cfg, rngs=rngs),
+    spec.get("seed", 0),
+    mesh,
+    rules,
+  )
+  graphdef, params, rest = sharded.graphdef, sharded.params, sharded.rest
+  p_shard = sharded.param_shardings
+  del sharded
   n_params = sum(x.size for x in jax.tree.leaves(params))
   info = {
     "side": "ours",
@@ -158,11 +174,23 @@ def build(spec) -> Built:
     "params": int(n_params),
     "dtype": cfg.dtype,
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "devices": jax.device_count(),
   }
 
-  def state_of(config, params):
+  def state_of(config, params, p_shard):
     tx = common.make_optimizer(config.optimizer, 10**6)
-    return tx, common.train_state(params, tx.init(params), 0, jax.random.key(0))
+    opt_sh = common.opt_state_shardings(tx, params, p_shard, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    state = common.train_state(params, opt_state, 0, jax.random.key(0))
+    repl = sharding_lib.replicated(mesh)
+    shardings = {"params": p_shard, "opt_state": opt_sh, "step": repl}
+    shardings["rng"] = repl
+    return tx, jax.device_put(state, shardings), shardings
+
+  def frozen_copy(params):
+    return jax.jit(
+      lambda p: jax.tree.map(lambda x: x + 0, p), out_shardings=p_shard
+    )(params)
 
   if task in ("dpo", "rm"):
     prompt, chosen, rejected = _protocol.preference_ids(spec)
@@ -195,7 +223,7 @@ def build(spec) -> Built:
       config.loss.beta = spec.get("beta", 0.1)
       loss_fn, _, needs_ref = preference.make_loss_fn(graphdef, rest, config)
       assert needs_ref
-      frozen = jax.tree.map(lambda x: x + 0, params)
+      frozen = frozen_copy(params)
     else:
       from alignment.trainers import reward_model
 
@@ -203,12 +231,23 @@ def build(spec) -> Built:
       loss_fn = reward_model.make_loss_fn(graphdef, rest, config)
       frozen = None
     info["share_prompt"] = bool(config.share_prompt)
-    tx, state = state_of(config, params)
-    step = jax.jit(common.make_train_step(loss_fn, tx), donate_argnums=(0,))
+    tx, state, state_sh = state_of(config, params, p_shard)
+    batch = jax.device_put(
+      batch,
+      jax.tree.map(
+        lambda x: sharding_lib.batch_sharding(mesh, rules, x.ndim), batch
+      ),
+    )
+    step = jax.jit(
+      common.make_train_step(loss_fn, tx),
+      out_shardings=(state_sh, None),
+      donate_argnums=(0,),
+    )
     holder = {"state": state}
 
     def one_step():
-      holder["state"], metrics = step(holder["state"], frozen, batch)
+      with sharding_lib.activation_context(mesh, rules):
+        holder["state"], metrics = step(holder["state"], frozen, batch)
       jax.block_until_ready((holder["state"], metrics))
 
     stages = [("update", one_step)]
@@ -228,9 +267,9 @@ def build(spec) -> Built:
     config.loss_aggregation = spec.get("loss_aggregation", "sequence_mean")
     _, _, ahyper = rl._check(config)  # noqa: SLF001 - the trainer's own check
     loss_fn = rl.make_policy_loss(graphdef, rest, None, None, config)
-    tx, state = state_of(config, {"policy": params})
+    tx, state, _ = state_of(config, {"policy": params}, {"policy": p_shard})
     train = jax.jit(common.make_train_step(loss_fn, tx), donate_argnums=(0,))
-    ref = jax.tree.map(lambda x: x + 0, params)
+    ref = frozen_copy(params)
     # EOS outside the vocabulary: every row samples exactly T tokens, as
     # on the peers' side (min_new_tokens / no EOS), so the work is equal.
     sampler = sampling.Sampler(

@@ -12,12 +12,16 @@ What it does:
    and looks for jemalloc (``libjemalloc2``).
 2. Runtime-settings probe, per preset and for the DPO and the reward-model
    step each: the step under glibc malloc and under jemalloc
-   (``LD_PRELOAD``) for our JAX side; for TRL also with one torch thread
+   (``LD_PRELOAD``) for our JAX side, each also data-parallel over one
+   host device per core (``--probe-devices``; XLA:CPU runs the many small
+   ops of a tiny model on one thread each, so splitting the batch over
+   devices is how JAX uses the cores there, as ``FAKE_DEVICES=2
+   launch/local.sh`` does); for TRL also with one torch thread
    (``OMP_NUM_THREADS=1``: on a loaded machine OpenMP's spinning threads
    can slow torch several times). Each framework then runs that step under
    the setting that served it best (GRPO and the long pairs under the DPO
-   step's; JAX's choice also applies to Tunix, which shares XLA's
-   runtime).
+   step's allocator, on one device; JAX's allocator choice also applies to
+   Tunix, which shares XLA's runtime, on one device).
 3. For the ``tiny`` and ``small`` presets, the DPO train step (ours, TRL
    ``DPOTrainer`` in float32 and with TRL's defaults, Tunix ``DPOTrainer``),
    the reward-model train step (ours, TRL ``RewardTrainer``) and one GRPO
@@ -216,7 +220,13 @@ class Worker:
 
 
 def runtime_env(setting, jemalloc_path):
-  """Env of a runtime setting ``"<allocator>[,t<threads>]"``."""
+  """Env of a runtime setting ``"<allocator>[,t<threads>][,d<devices>]"``.
+
+  ``t<n>``: torch intra-op threads (``OMP_NUM_THREADS``). ``d<n>``: the JAX
+  CPU backend split into n host devices
+  (``--xla_force_host_platform_device_count``, as ``FAKE_DEVICES=n
+  launch/local.sh`` does), over which our pair steps run data-parallel.
+  """
   env = {}
   allocator, *rest = setting.split(",")
   if allocator == "jemalloc" and jemalloc_path:
@@ -224,7 +234,18 @@ def runtime_env(setting, jemalloc_path):
   for r in rest:
     if r.startswith("t"):
       env["OMP_NUM_THREADS"] = r[1:]
+    elif r.startswith("d"):
+      flags = os.environ.get("XLA_FLAGS", "")
+      env["XLA_FLAGS"] = (
+        f"{flags} --xla_force_host_platform_device_count={int(r[1:])}"
+      ).strip()
   return env
+
+
+def single_device(setting):
+  """``setting`` without its ``d<n>`` part (for the steps not probed for it
+  and for Tunix, whose trainers we run unsharded)."""
+  return ",".join(p for p in setting.split(",") if not p.startswith("d"))
 
 
 def run_benchmark(name, sides, spec_of, args, env_of, notes=None):
@@ -485,6 +506,13 @@ def main():
     help="auto: probe glibc/jemalloc (and torch threads) per preset",
   )
   parser.add_argument(
+    "--probe-devices",
+    type=int,
+    default=os.cpu_count() or 1,
+    help="also probe our DPO / RM steps data-parallel over this many host "
+    "devices (default: one per core; 1: do not)",
+  )
+  parser.add_argument(
     "--no-trl-defaults",
     action="store_true",
     help="skip the TRL-defaults (bf16 + ckpt) side",
@@ -560,7 +588,10 @@ def main():
     for task in PROBED_TASKS:
       if not (args.allocator == "auto" and task in only):
         continue
-      probe = ["ours@glibc"] + (["ours@jemalloc"] if jemalloc else [])
+      allocators = ["glibc"] + (["jemalloc"] if jemalloc else [])
+      probe = [f"ours@{a}" for a in allocators]
+      if args.probe_devices > 1:
+        probe += [f"ours@{a},d{args.probe_devices}" for a in allocators]
       if "trl" not in unavailable:
         probe += ["trl@glibc"] + (
           ["trl@jemalloc", "trl@jemalloc,t1"] if jemalloc else ["trl@glibc,t1"]
@@ -596,7 +627,9 @@ def main():
     def env_of(side):
       base = side.split("@")[0]
       fw = FRAMEWORK["trl" if base.startswith("trl") else base]
-      return runtime_env(setting[fw], jemalloc)
+      if base == "ours" and task in PROBED_TASKS:
+        return runtime_env(setting[fw], jemalloc)
+      return runtime_env(single_device(setting[fw]), jemalloc)
 
     return env_of
 
@@ -644,7 +677,7 @@ def main():
 
   quick = args.quick
   ext_preset = "small" if "small" in chosen else next(iter(chosen))
-  os.environ.update(env_for(ext_preset)("ours"))
+  os.environ.update(env_for(ext_preset, "external")("ours"))
   if "logprobs" in only:
     results["logprobs"] = run_external(
       "logprobs.py",
@@ -734,7 +767,8 @@ def render_table(run, results):
     f"`{m['commit']}`; load average {m['load_average_start'][0]:.1f} at "
     f"start, {m.get('load_average_end', [0])[0]:.1f} at end (shared "
     f"machine: compare ratios, not absolute figures). Runtime settings "
-    f"(allocator[,torch threads], the faster of each framework's probe): "
+    f"(allocator[,torch threads][,JAX host devices], the faster of each "
+    f"framework's probe; GRPO, the long pairs and Tunix on one device): "
     + "; ".join(
       _settings_text(preset, c)
       for preset, c in run["settings"]["chosen"].items()
