@@ -71,9 +71,7 @@ class RuntimeSettingsTest(absltest.TestCase):
     self.assertEqual(run_all.runtime_env("glibc", "/x.so"), {})
 
   def test_devices_setting_keeps_other_xla_flags(self):
-    with mock.patch.dict(
-      "os.environ", {"XLA_FLAGS": "--xla_cpu_foo=1"}
-    ):
+    with mock.patch.dict("os.environ", {"XLA_FLAGS": "--xla_cpu_foo=1"}):
       env = run_all.runtime_env("glibc,d4", None)
     self.assertEqual(
       env["XLA_FLAGS"].split(),
