@@ -2,10 +2,14 @@
 
 Run by ``bench/run_all.py`` as ``python bench/ours.py '<spec json>'``; see
 ``bench/_protocol.py`` for the protocol. Builds the same objects the
-trainers build (``models.build_model``, ``trainers.common.make_train_step``
-with the trainer's ``make_loss_fn``, optimiser from
-``common.make_optimizer``), but feeds random-token batches directly instead
-of going through the data iterators.
+trainers build (``models.build_model`` born sharded on the default mesh by
+``common.create_sharded_model``, ``trainers.common.make_train_step`` with
+the trainer's ``make_loss_fn``, optimiser from ``common.make_optimizer``,
+batches split along the ``data`` axis), but feeds random-token batches
+directly instead of going through the data iterators. The mesh spans every
+visible device (``spec["mesh"]`` overrides it), so the ``d<n>`` runtime
+setting of ``run_all.py`` runs the pair steps data-parallel over n host
+devices.
 
 Tasks (``spec["task"]``):
 
