@@ -1,6 +1,6 @@
 r"""Every benchmark against its peers, side by side, on this machine.
 
-  .venv/bin/python bench/run_all.py            # full run (~20 min, 2 cores)
+  .venv/bin/python bench/run_all.py            # full run (~50 min, 2 cores)
   .venv/bin/python bench/run_all.py --quick    # tiny preset only, minutes
   .venv/bin/python bench/run_all.py --only dpo --presets small --rounds 5
 
