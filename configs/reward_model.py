@@ -51,37 +51,64 @@ ATTRIBUTE_WEIGHTS = (1.0, 0.0, 0.0)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = config_lib.parse_arg(arg, model="small", loss="bradley_terry",
-                             ensemble="none", members=4, variant="",
-                             runlocal=False)
+  arg = config_lib.parse_arg(
+    arg,
+    model="small",
+    loss="bradley_terry",
+    ensemble="none",
+    members=4,
+    variant="",
+    runlocal=False,
+  )
   if arg.variant:
     if arg.variant not in VARIANTS:
-      raise ValueError(f"config arg: variant={arg.variant!r}; valid "
-                       f"variants are {sorted(VARIANTS)}.")
+      raise ValueError(
+        f"config arg: variant={arg.variant!r}; valid "
+        f"variants are {sorted(VARIANTS)}."
+      )
     loss, ensemble = VARIANTS[arg.variant]
     if arg.loss not in ("bradley_terry", loss):
-      raise ValueError(f"config arg: variant={arg.variant!r} trains "
-                       f"{loss!r}, not loss={arg.loss!r}.")
+      raise ValueError(
+        f"config arg: variant={arg.variant!r} trains "
+        f"{loss!r}, not loss={arg.loss!r}."
+      )
     arg.loss = loss
     arg.ensemble = ensemble or arg.ensemble
-  config = config_lib.base("reward_model", total_steps=2000, batch_size=64,
-                           learning_rate=1e-5, model_preset=arg.model)
+  config = config_lib.base(
+    "reward_model",
+    total_steps=2000,
+    batch_size=64,
+    learning_rate=1e-5,
+    model_preset=arg.model,
+  )
   config.loss = config_lib.loss(arg.loss)
-  config.ensemble = ml_collections.ConfigDict(dict(
-      kind=arg.ensemble, num_members=arg.members))
-  config.reward_model = ml_collections.ConfigDict(dict(
-      direction=[0.7, 0.3], embed_dim=8, noise_samples=1,
+  config.ensemble = ml_collections.ConfigDict(
+    dict(kind=arg.ensemble, num_members=arg.members)
+  )
+  config.reward_model = ml_collections.ConfigDict(
+    dict(
+      direction=[0.7, 0.3],
+      embed_dim=8,
+      noise_samples=1,
       # prm_scan: the completer's accuracy on the questions (SCAN's
       # self-confidence) when the step data carries none; 1 keeps all.
-      self_confidence=1.0))
-  config.data = config_lib.data("synthetic", max_prompt_len=256,
-                                max_completion_len=256)
+      self_confidence=1.0,
+    )
+  )
+  config.data = config_lib.data(
+    "synthetic", max_prompt_len=256, max_completion_len=256
+  )
   # Pairs: one packed row [prompt | chosen | rejected], the prompt run once
   # (exact; rows sized by data.max_completion_len).
   config.share_prompt = True
-  config.eval_data = config_lib.data("synthetic", max_prompt_len=256,
-                                     max_completion_len=256, shuffle=False,
-                                     task_seed=1, num_examples=512)
+  config.eval_data = config_lib.data(
+    "synthetic",
+    max_prompt_len=256,
+    max_completion_len=256,
+    shuffle=False,
+    task_seed=1,
+    num_examples=512,
+  )
   config.eval_data.num_epochs = 1
   if arg.loss == "multi_objective_regression":
     config.reward_model.direction = list(ATTRIBUTE_WEIGHTS)
@@ -106,5 +133,9 @@ def get_sweep(add):
   """Reward centring × learning rate for the Bradley–Terry objective."""
   for coef in (0.0, 0.01):
     for lr in (3e-6, 1e-5):
-      add(**{"loss.center_rewards_coefficient": coef,
-             "optimizer.learning_rate": lr})
+      add(
+        **{
+          "loss.center_rewards_coefficient": coef,
+          "optimizer.learning_rate": lr,
+        }
+      )

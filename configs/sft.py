@@ -14,10 +14,16 @@ from alignment import config_lib
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = config_lib.parse_arg(arg, model="small", runlocal=False)
-  config = config_lib.base("sft", total_steps=2000, batch_size=64,
-                           learning_rate=1e-4, model_preset=arg.model)
-  config.data = config_lib.data("synthetic", max_prompt_len=256,
-                                max_completion_len=256)
+  config = config_lib.base(
+    "sft",
+    total_steps=2000,
+    batch_size=64,
+    learning_rate=1e-4,
+    model_preset=arg.model,
+  )
+  config.data = config_lib.data(
+    "synthetic", max_prompt_len=256, max_completion_len=256
+  )
   if arg.runlocal:
     config_lib.runlocal(config)
   return config

@@ -11,15 +11,35 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PKG = ROOT / "alignment"
 
 # Top-level modules each pure subpackage may import.
-_PURE_ALLOWED = {"jax", "jaxlib", "numpy", "jaxtyping", "beartype", "typing",
-                 "typing_extensions", "functools", "math", "dataclasses",
-                 "collections", "enum", "itertools", "os", "warnings",
-                 "abc", "operator", "string", "re"}
+_PURE_ALLOWED = {
+  "jax",
+  "jaxlib",
+  "numpy",
+  "jaxtyping",
+  "beartype",
+  "typing",
+  "typing_extensions",
+  "functools",
+  "math",
+  "dataclasses",
+  "collections",
+  "enum",
+  "itertools",
+  "os",
+  "warnings",
+  "abc",
+  "operator",
+  "string",
+  "re",
+}
 _PURE = {
-    "ops": {"alignment.array_types", "alignment.ops"},
-    "losses": {"alignment.array_types", "alignment.ops", "alignment.losses"},
-    "advantages": {"alignment.array_types", "alignment.ops",
-                   "alignment.advantages"},
+  "ops": {"alignment.array_types", "alignment.ops"},
+  "losses": {"alignment.array_types", "alignment.ops", "alignment.losses"},
+  "advantages": {
+    "alignment.array_types",
+    "alignment.ops",
+    "alignment.advantages",
+  },
 }
 
 
@@ -41,8 +61,9 @@ def test_pure_subpackages_import_only_arrays(subpackage):
     for lineno, name in _imports(path):
       top = name.split(".")[0]
       if top == "alignment":
-        if not any(name == a or name.startswith(a + ".")
-                   for a in allowed_internal):
+        if not any(
+          name == a or name.startswith(a + ".") for a in allowed_internal
+        ):
           bad.append(f"{path.relative_to(ROOT)}:{lineno} imports {name}")
       elif top not in _PURE_ALLOWED and top not in sys.stdlib_module_names:
         bad.append(f"{path.relative_to(ROOT)}:{lineno} imports {name}")
@@ -51,9 +72,18 @@ def test_pure_subpackages_import_only_arrays(subpackage):
 
 def test_models_data_sharding_only_imported_by_allowed_packages():
   restricted = ("alignment.models", "alignment.data", "alignment.sharding")
-  allowed_importers = ("rewards", "sampling", "trainers", "models", "data",
-                       "sharding", "main.py", "pipeline.py", "evaluation",
-                       "config_lib.py")
+  allowed_importers = (
+    "rewards",
+    "sampling",
+    "trainers",
+    "models",
+    "data",
+    "sharding",
+    "main.py",
+    "pipeline.py",
+    "evaluation",
+    "config_lib.py",
+  )
   bad = []
   for path in sorted(PKG.rglob("*.py")):
     rel = path.relative_to(PKG)
@@ -67,12 +97,18 @@ def test_models_data_sharding_only_imported_by_allowed_packages():
 
 def test_importing_losses_does_not_import_heavy_packages():
   code = (
-      "import sys, alignment.losses, alignment.ops, alignment.advantages\n"
-      "heavy = [m for m in ('flax', 'orbax', 'tensorflow_datasets', 'grain',"
-      " 'tensorflow', 'torch', 'ml_collections', 'optax')"
-      " if m in sys.modules]\n"
-      "print(','.join(heavy))\n")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                       text=True, check=True, cwd=ROOT,
-                       env={"JAX_PLATFORMS": "cpu", "PATH": ""})
+    "import sys, alignment.losses, alignment.ops, alignment.advantages\n"
+    "heavy = [m for m in ('flax', 'orbax', 'tensorflow_datasets', 'grain',"
+    " 'tensorflow', 'torch', 'ml_collections', 'optax')"
+    " if m in sys.modules]\n"
+    "print(','.join(heavy))\n"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code],
+    capture_output=True,
+    text=True,
+    check=True,
+    cwd=ROOT,
+    env={"JAX_PLATFORMS": "cpu", "PATH": ""},
+  )
   assert out.stdout.strip() == "", f"imported: {out.stdout.strip()}"

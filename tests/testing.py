@@ -9,9 +9,12 @@ from jax.sharding import PartitionSpec as P
 
 def data_mesh(n: int = 8) -> jax.sharding.Mesh:
   """A 1-D mesh with axis 'data' over the first ``n`` devices."""
-  return jax.make_mesh((n,), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=jax.devices()[:n])
+  return jax.make_mesh(
+    (n,),
+    ("data",),
+    axis_types=(jax.sharding.AxisType.Auto,),
+    devices=jax.devices()[:n],
+  )
 
 
 def shard_leading(args, n: int = 8):
@@ -32,8 +35,13 @@ def assert_sharded_equals_unsharded(fn, args, *, n=8, rtol=1e-6, atol=1e-6):
   jitted = jax.jit(fn)
   want = jitted(*args)
   got = jitted(*shard_leading(args, n))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(
-      np.asarray(a), np.asarray(b), rtol=rtol, atol=atol), want, got)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(
+      np.asarray(a), np.asarray(b), rtol=rtol, atol=atol
+    ),
+    want,
+    got,
+  )
 
 
 def grads(fn, args, argnums):
@@ -51,4 +59,5 @@ def grads(fn, args, argnums):
 def with_nan_padding(x, mask):
   """Returns ``x`` with NaN written wherever ``mask`` is False."""
   return np.where(np.asarray(mask), np.asarray(x), np.nan).astype(
-      np.asarray(x).dtype)
+    np.asarray(x).dtype
+  )

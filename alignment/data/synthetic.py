@@ -76,25 +76,34 @@ class LettersTask:
     object.__setattr__(self, "attributes", attrs)
     bad = [a for a in attrs if a not in ATTRIBUTES]
     if bad or len(set(attrs)) != len(attrs):
-      raise ValueError(f"LettersTask.attributes must be distinct names from "
-                       f"{ATTRIBUTES}, got {list(attrs)}.")
+      raise ValueError(
+        f"LettersTask.attributes must be distinct names from "
+        f"{ATTRIBUTES}, got {list(attrs)}."
+      )
     if not self.rating_noise >= 0:
-      raise ValueError("LettersTask.rating_noise must be >= 0, got "
-                       f"{self.rating_noise}.")
+      raise ValueError(
+        f"LettersTask.rating_noise must be >= 0, got {self.rating_noise}."
+      )
     if self.rule not in RULES:
-      raise ValueError(f"LettersTask.rule must be one of {RULES}, got "
-                       f"{self.rule!r}.")
+      raise ValueError(
+        f"LettersTask.rule must be one of {RULES}, got {self.rule!r}."
+      )
     if not 1 <= self.n_prompt_letters <= 26:
-      raise ValueError("LettersTask.n_prompt_letters must be in [1, 26], got "
-                       f"{self.n_prompt_letters}.")
+      raise ValueError(
+        "LettersTask.n_prompt_letters must be in [1, 26], got "
+        f"{self.n_prompt_letters}."
+      )
     if self.completion_len < 1:
-      raise ValueError("LettersTask.completion_len must be >= 1, got "
-                       f"{self.completion_len}.")
+      raise ValueError(
+        f"LettersTask.completion_len must be >= 1, got {self.completion_len}."
+      )
     if not 0.0 <= self.p_in <= 1.0:
       raise ValueError(f"LettersTask.p_in must be in [0, 1], got {self.p_in}.")
     if self.label_temperature <= 0:
-      raise ValueError("LettersTask.label_temperature must be > 0, got "
-                       f"{self.label_temperature}.")
+      raise ValueError(
+        "LettersTask.label_temperature must be > 0, got "
+        f"{self.label_temperature}."
+      )
 
   # -- generation -------------------------------------------------------------
 
@@ -121,11 +130,14 @@ class LettersTask:
   def sft_examples(self, n: int, seed: int) -> list[dict]:
     """``[{"prompt", "completion"}]`` demonstrations."""
     rng = np.random.default_rng([seed, 1])
-    return [{"prompt": p, "completion": self.demonstration(p, rng)}
-            for p in self.prompts(n, seed)]
+    return [
+      {"prompt": p, "completion": self.demonstration(p, rng)}
+      for p in self.prompts(n, seed)
+    ]
 
-  def label_pairs(self, prompts, completions_a, completions_b, seed: int
-                  ) -> list[dict]:
+  def label_pairs(
+    self, prompts, completions_a, completions_b, seed: int
+  ) -> list[dict]:
     """Labels pairs with Bradley–Terry noise on the gold reward.
 
     Returns rows ``{"prompt", "chosen", "rejected", "gold_chosen",
@@ -145,9 +157,16 @@ class LettersTask:
       a, b = completions_a[i], completions_b[i]
       chosen, rejected = (a, b) if take_a[i] else (b, a)
       g_c, g_r = (ga[i], gb[i]) if take_a[i] else (gb[i], ga[i])
-      rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
-                   "gold_chosen": float(g_c), "gold_rejected": float(g_r),
-                   "subset": self.difficulty(g_c - g_r)})
+      rows.append(
+        {
+          "prompt": prompt,
+          "chosen": chosen,
+          "rejected": rejected,
+          "gold_chosen": float(g_c),
+          "gold_rejected": float(g_r),
+          "subset": self.difficulty(g_c - g_r),
+        }
+      )
     if self.attributes:
       # Its own stream: the pairs and labels are those of a task without
       # ratings.
@@ -155,7 +174,8 @@ class LettersTask:
       for row in rows:
         for side in ("chosen", "rejected"):
           row[f"{side}_ratings"] = [
-              float(x) for x in self.ratings(row["prompt"], row[side], noise)]
+            float(x) for x in self.ratings(row["prompt"], row[side], noise)
+          ]
     return rows
 
   def attribute_values(self, prompt: str, completion: str) -> np.ndarray:
@@ -164,16 +184,17 @@ class LettersTask:
     head = completion[:n]
     prompt_set = set(self.prompt_letters(prompt))
     value = {
-        "gold": lambda: self.gold_reward(prompt, completion),
-        "in_prompt": lambda: sum(c in prompt_set for c in head) / n,
-        "distinct": lambda: len(set(head)) / n,
-        "vowels": lambda: sum(c in _VOWELS for c in head) / n,
-        "length": lambda: len(head) / n,
+      "gold": lambda: self.gold_reward(prompt, completion),
+      "in_prompt": lambda: sum(c in prompt_set for c in head) / n,
+      "distinct": lambda: len(set(head)) / n,
+      "vowels": lambda: sum(c in _VOWELS for c in head) / n,
+      "length": lambda: len(head) / n,
     }
     return np.asarray([value[a]() for a in self.attributes], np.float64)
 
-  def ratings(self, prompt: str, completion: str,
-              rng: np.random.Generator) -> np.ndarray:
+  def ratings(
+    self, prompt: str, completion: str, rng: np.random.Generator
+  ) -> np.ndarray:
     """:meth:`attribute_values` plus N(0, ``rating_noise``²) rater noise."""
     exact = self.attribute_values(prompt, completion)
     if self.rating_noise == 0:
@@ -201,7 +222,7 @@ class LettersTask:
   # -- reward -----------------------------------------------------------------
 
   def prompt_letters(self, prompt: str) -> str:
-    body = prompt[:-len(PROMPT_END)] if prompt.endswith(PROMPT_END) else prompt
+    body = prompt[: -len(PROMPT_END)] if prompt.endswith(PROMPT_END) else prompt
     return body
 
   def preferred_letters(self, prompt: str) -> str:
@@ -217,17 +238,23 @@ class LettersTask:
   def gold_reward(self, prompt: str, completion: str) -> float:
     """r*(x, y) in [0, 1] (module docstring)."""
     letters = set(self.preferred_letters(prompt))
-    head = completion[:self.completion_len]
+    head = completion[: self.completion_len]
     return sum(c in letters for c in head) / self.completion_len
 
   def gold_rewards(self, prompts, completions) -> np.ndarray:
     """Vectorised :meth:`gold_reward`, float64 ``[B]``."""
     if len(prompts) != len(completions):
-      raise ValueError(f"gold_rewards: {len(prompts)} prompts but "
-                       f"{len(completions)} completions.")
-    return np.asarray([self.gold_reward(p, c)
-                       for p, c in zip(prompts, completions, strict=True)],
-                      np.float64)
+      raise ValueError(
+        f"gold_rewards: {len(prompts)} prompts but "
+        f"{len(completions)} completions."
+      )
+    return np.asarray(
+      [
+        self.gold_reward(p, c)
+        for p, c in zip(prompts, completions, strict=True)
+      ],
+      np.float64,
+    )
 
   def expected_demonstration_reward(self) -> float:
     """Gold reward of the demonstration distribution, in closed form."""

@@ -23,14 +23,15 @@ KL_ESTIMATORS = ("k1", "k2", "k3", "k3_straight_through", "abs", "mse")
 
 
 def _log_ratio(policy_token_logps, ref_token_logps):
-  return (jnp.asarray(ref_token_logps, jnp.float32)
-          - jnp.asarray(policy_token_logps, jnp.float32))
+  return jnp.asarray(ref_token_logps, jnp.float32) - jnp.asarray(
+    policy_token_logps, jnp.float32
+  )
 
 
 @typechecked
 def kl_k1(
-    policy_token_logps: Float[In, "*B"],
-    ref_token_logps: Float[In, "*B"],
+  policy_token_logps: Float[In, "*B"],
+  ref_token_logps: Float[In, "*B"],
 ) -> Float[Out, "*B"]:
   """k1 estimator ``log π - log π_ref``. No gradient into the reference."""
   x = _log_ratio(policy_token_logps, jax.lax.stop_gradient(ref_token_logps))
@@ -39,8 +40,8 @@ def kl_k1(
 
 @typechecked
 def kl_k2(
-    policy_token_logps: Float[In, "*B"],
-    ref_token_logps: Float[In, "*B"],
+  policy_token_logps: Float[In, "*B"],
+  ref_token_logps: Float[In, "*B"],
 ) -> Float[Out, "*B"]:
   """k2 estimator ``(log π - log π_ref)² / 2``. No gradient into the ref."""
   x = _log_ratio(policy_token_logps, jax.lax.stop_gradient(ref_token_logps))
@@ -49,8 +50,8 @@ def kl_k2(
 
 @typechecked
 def kl_k3(
-    policy_token_logps: Float[In, "*B"],
-    ref_token_logps: Float[In, "*B"],
+  policy_token_logps: Float[In, "*B"],
+  ref_token_logps: Float[In, "*B"],
 ) -> Float[Out, "*B"]:
   """k3 estimator ``exp(x) - 1 - x``, ``x = log π_ref - log π``; >= 0.
 
@@ -62,8 +63,8 @@ def kl_k3(
 
 @typechecked
 def kl_k3_straight_through(
-    policy_token_logps: Float[In, "*B"],
-    ref_token_logps: Float[In, "*B"],
+  policy_token_logps: Float[In, "*B"],
+  ref_token_logps: Float[In, "*B"],
 ) -> Float[Out, "*B"]:
   """k3's value with k2's gradient (verl's ``k3+`` / "low_var_kl+").
 
@@ -78,10 +79,10 @@ def kl_k3_straight_through(
 
 @typechecked
 def kl_estimate(
-    policy_token_logps: Float[In, "*B"],
-    ref_token_logps: Float[In, "*B"],
-    *,
-    estimator: str = "k3",
+  policy_token_logps: Float[In, "*B"],
+  ref_token_logps: Float[In, "*B"],
+  *,
+  estimator: str = "k3",
 ) -> Float[Out, "*B"]:
   """Dispatches to a KL estimator by name (``KL_ESTIMATORS``).
 
@@ -105,5 +106,7 @@ def kl_estimate(
     return kl_k3_straight_through(policy_token_logps, ref_token_logps)
   if estimator == "abs":
     return jnp.abs(kl_k1(policy_token_logps, ref_token_logps))
-  raise ValueError(f"kl_estimate: unknown estimator={estimator!r}; valid "
-                   f"choices are {KL_ESTIMATORS}.")
+  raise ValueError(
+    f"kl_estimate: unknown estimator={estimator!r}; valid "
+    f"choices are {KL_ESTIMATORS}."
+  )

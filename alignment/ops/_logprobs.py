@@ -9,8 +9,8 @@ from alignment.array_types import In, Out, typechecked
 
 @typechecked
 def token_logps(
-    logits: Float[In, "*B T V"],
-    targets: Int[In, "*B T"],
+  logits: Float[In, "*B T V"],
+  targets: Int[In, "*B T"],
 ) -> Float[Out, "*B T"]:
   """``log softmax(logits)[targets]`` per position, computed in float32.
 
@@ -27,17 +27,18 @@ def token_logps(
     float32 log-probabilities with the targets' shape.
   """
   logits = jnp.asarray(logits, jnp.float32)
-  picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32),
-                               axis=-1)[..., 0]
+  picked = jnp.take_along_axis(
+    logits, targets[..., None].astype(jnp.int32), axis=-1
+  )[..., 0]
   return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
 @typechecked
 def sequence_logps(
-    token_logps: Float[In, "*B T"],
-    mask: Bool[In, "*B T"],
-    *,
-    average: bool = False,
+  token_logps: Float[In, "*B T"],
+  mask: Bool[In, "*B T"],
+  *,
+  average: bool = False,
 ) -> Float[Out, "*B"]:
   """Sums (or averages) per-token log-probs over the masked completion.
 

@@ -53,8 +53,9 @@ class WeightedMean(NamedTuple):
 
   def psum(self, axis_name: AxisName) -> "WeightedMean":
     """Sums total and weight over a named mapped axis."""
-    return WeightedMean(_psum(self.total, axis_name),
-                        _psum(self.weight, axis_name))
+    return WeightedMean(
+      _psum(self.total, axis_name), _psum(self.weight, axis_name)
+    )
 
 
 def _f32(x):
@@ -63,11 +64,11 @@ def _f32(x):
 
 @typechecked
 def masked_sum(
-    x: Float[In, "*dims"],
-    mask: Bool[In, "*dims"],
-    *,
-    axis: int | tuple[int, ...] | None = None,
-    axis_name: AxisName = None,
+  x: Float[In, "*dims"],
+  mask: Bool[In, "*dims"],
+  *,
+  axis: int | tuple[int, ...] | None = None,
+  axis_name: AxisName = None,
 ) -> Float[Out, "..."]:
   """Sum of ``x`` where ``mask`` is True; masked entries (even NaN) are inert.
 
@@ -85,11 +86,11 @@ def masked_sum(
 
 @typechecked
 def masked_mean(
-    x: Float[In, "*dims"],
-    mask: Bool[In, "*dims"],
-    *,
-    axis: int | tuple[int, ...] | None = None,
-    axis_name: AxisName = None,
+  x: Float[In, "*dims"],
+  mask: Bool[In, "*dims"],
+  *,
+  axis: int | tuple[int, ...] | None = None,
+  axis_name: AxisName = None,
 ) -> Float[Out, "..."]:
   """Mean of ``x`` over entries where ``mask`` is True; 0 if none are.
 
@@ -110,12 +111,12 @@ def masked_mean(
 
 @typechecked
 def masked_var(
-    x: Float[In, "*dims"],
-    mask: Bool[In, "*dims"],
-    *,
-    axis: int | tuple[int, ...] | None = None,
-    ddof: int = 0,
-    axis_name: AxisName = None,
+  x: Float[In, "*dims"],
+  mask: Bool[In, "*dims"],
+  *,
+  axis: int | tuple[int, ...] | None = None,
+  ddof: int = 0,
+  axis_name: AxisName = None,
 ) -> Float[Out, "..."]:
   """Variance over masked entries, two-pass (mean first) for stability.
 
@@ -140,12 +141,12 @@ def masked_var(
 
 @typechecked
 def masked_whiten(
-    x: Float[In, "*dims"],
-    mask: Bool[In, "*dims"],
-    *,
-    shift_mean: bool = True,
-    epsilon: float = 1e-8,
-    axis_name: AxisName = None,
+  x: Float[In, "*dims"],
+  mask: Bool[In, "*dims"],
+  *,
+  shift_mean: bool = True,
+  epsilon: float = 1e-8,
+  axis_name: AxisName = None,
 ) -> Float[Out, "*dims"]:
   """Whitens ``x`` with the mean and (unbiased) std of its masked entries.
 
@@ -173,20 +174,24 @@ def masked_whiten(
 
 
 AggregationMode = Literal[
-    "token_mean", "sequence_mean", "sequence_sum", "constant_norm"
+  "token_mean", "sequence_mean", "sequence_sum", "constant_norm"
 ]
-AGGREGATION_MODES = ("token_mean", "sequence_mean", "sequence_sum",
-                     "constant_norm")
+AGGREGATION_MODES = (
+  "token_mean",
+  "sequence_mean",
+  "sequence_sum",
+  "constant_norm",
+)
 
 
 @typechecked
 def aggregate_token_loss(
-    per_token: Float[In, "B T"],
-    mask: Bool[In, "B T"],
-    *,
-    mode: str = "token_mean",
-    max_tokens: int | None = None,
-    axis_name: AxisName = None,
+  per_token: Float[In, "B T"],
+  mask: Bool[In, "B T"],
+  *,
+  mode: str = "token_mean",
+  max_tokens: int | None = None,
+  axis_name: AxisName = None,
 ) -> WeightedMean:
   r"""Reduces a per-token loss ``[B, T]`` to a :class:`WeightedMean`.
 
@@ -218,14 +223,18 @@ def aggregate_token_loss(
   """
   if mode not in AGGREGATION_MODES:
     raise ValueError(
-        f"aggregate_token_loss: unknown mode={mode!r}; valid modes are "
-        f"{AGGREGATION_MODES}.")
+      f"aggregate_token_loss: unknown mode={mode!r}; valid modes are "
+      f"{AGGREGATION_MODES}."
+    )
   if max_tokens is not None and mode != "constant_norm":
-    raise ValueError("aggregate_token_loss: max_tokens is only used by "
-                     f"mode='constant_norm', got mode={mode!r}.")
+    raise ValueError(
+      "aggregate_token_loss: max_tokens is only used by "
+      f"mode='constant_norm', got mode={mode!r}."
+    )
   if max_tokens is not None and max_tokens <= 0:
-    raise ValueError(f"aggregate_token_loss: max_tokens must be > 0, got "
-                     f"{max_tokens}.")
+    raise ValueError(
+      f"aggregate_token_loss: max_tokens must be > 0, got {max_tokens}."
+    )
   values = jnp.where(mask, _f32(per_token), 0.0)
   batch, length = values.shape
   if mode == "token_mean":
@@ -247,10 +256,10 @@ def aggregate_token_loss(
 
 @typechecked
 def aggregate_sequence_loss(
-    per_sequence: Float[In, "B"],
-    mask: Bool[In, "B"] | None = None,
-    *,
-    axis_name: AxisName = None,
+  per_sequence: Float[In, "B"],
+  mask: Bool[In, "B"] | None = None,
+  *,
+  axis_name: AxisName = None,
 ) -> WeightedMean:
   """Mean over sequences or pairs as a :class:`WeightedMean`.
 

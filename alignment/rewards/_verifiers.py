@@ -10,8 +10,14 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["VERIFIERS", "extract_answer", "format_reward",
-           "math_answer_reward", "exact_match_reward", "verify_batch"]
+__all__ = [
+  "VERIFIERS",
+  "extract_answer",
+  "format_reward",
+  "math_answer_reward",
+  "exact_match_reward",
+  "verify_batch",
+]
 
 _BOXED = re.compile(r"\\boxed\{")
 _HASHES = re.compile(r"####\s*(.+)")
@@ -29,12 +35,11 @@ def _boxed(text: str) -> str | None:
   while j < len(text) and depth:
     depth += {"{": 1, "}": -1}.get(text[j], 0)
     j += 1
-  return text[i:j - 1].strip() if depth == 0 else None
+  return text[i : j - 1].strip() if depth == 0 else None
 
 
 def extract_answer(text: str) -> str | None:
-  """The final answer of a solution: ``\\boxed{}`` > ``#### x`` > last number.
-  """
+  """The final answer of a solution: ``\\boxed{}`` > ``#### x`` > last number."""
   boxed = _boxed(text)
   if boxed is not None:
     return boxed
@@ -91,33 +96,44 @@ def exact_match_reward(completion: str, reference: str) -> float:
 
 def format_reward(completion: str, pattern: str) -> float:
   """1.0 if the whole completion matches the regular expression."""
-  return float(re.fullmatch(pattern, completion.strip(), re.DOTALL)
-               is not None)
+  return float(re.fullmatch(pattern, completion.strip(), re.DOTALL) is not None)
 
 
-VERIFIERS = {"math_answer": math_answer_reward,
-             "exact_match": exact_match_reward}
+VERIFIERS = {
+  "math_answer": math_answer_reward,
+  "exact_match": exact_match_reward,
+}
 
 
-def verify_batch(completions: Sequence[str], records: Sequence[Mapping], *,
-                 kind: str = "math_answer", answer_key: str = "answer"
-                 ) -> np.ndarray:
+def verify_batch(
+  completions: Sequence[str],
+  records: Sequence[Mapping],
+  *,
+  kind: str = "math_answer",
+  answer_key: str = "answer",
+) -> np.ndarray:
   """Scores completions against their records' reference answers.
 
   Raises:
     ValueError: unknown ``kind`` or a record without ``answer_key``.
   """
   if kind not in VERIFIERS:
-    raise ValueError(f"verify_batch: unknown kind={kind!r}; valid kinds are "
-                     f"{sorted(VERIFIERS)}.")
+    raise ValueError(
+      f"verify_batch: unknown kind={kind!r}; valid kinds are "
+      f"{sorted(VERIFIERS)}."
+    )
   if len(completions) != len(records):
-    raise ValueError(f"verify_batch: {len(completions)} completions but "
-                     f"{len(records)} records.")
+    raise ValueError(
+      f"verify_batch: {len(completions)} completions but "
+      f"{len(records)} records."
+    )
   fn = VERIFIERS[kind]
   out = np.zeros(len(completions), np.float64)
   for i, (c, r) in enumerate(zip(completions, records, strict=True)):
     if answer_key not in r:
-      raise ValueError(f"verify_batch: record {i} has no {answer_key!r} "
-                       f"field; it has {sorted(r)}.")
+      raise ValueError(
+        f"verify_batch: record {i} has no {answer_key!r} "
+        f"field; it has {sorted(r)}."
+      )
     out[i] = fn(c, str(r[answer_key]))
   return out

@@ -14,18 +14,19 @@ from alignment.trainers import (
 )
 
 REGISTRY = {
-    "sft": sft,
-    "reward_model": reward_model,
-    "preference": preference,
-    "rl": rl,
-    "online_preference": online_preference,
-    "pipeline": pipeline,
+  "sft": sft,
+  "reward_model": reward_model,
+  "preference": preference,
+  "rl": rl,
+  "online_preference": online_preference,
+  "pipeline": pipeline,
 }
 
 
 def get_trainer(name: str):
   """The trainer module for ``config.trainer`` (error lists valid names)."""
   if name not in REGISTRY:
-    raise ValueError(f"config.trainer={name!r}; valid trainers are "
-                     f"{sorted(REGISTRY)}.")
+    raise ValueError(
+      f"config.trainer={name!r}; valid trainers are {sorted(REGISTRY)}."
+    )
   return REGISTRY[name]

@@ -18,10 +18,17 @@ from alignment import ops
 from alignment.trainers import _packing
 
 
-def completion_token_logps(model, tokens, attention_mask, completion_mask, *,
-                           chunk_size: int = 2048, temperature: float = 1.0,
-                           return_entropy: bool = False,
-                           segment_ids=None):
+def completion_token_logps(
+  model,
+  tokens,
+  attention_mask,
+  completion_mask,
+  *,
+  chunk_size: int = 2048,
+  temperature: float = 1.0,
+  return_entropy: bool = False,
+  segment_ids=None,
+):
   """Next-token log-probs of a right-padded batch, aligned to ``tokens[:, 1:]``.
 
   Args:
@@ -48,9 +55,14 @@ def completion_token_logps(model, tokens, attention_mask, completion_mask, *,
   mask = jnp.logical_and(completion_mask[:, 1:], attention_mask[:, 1:])
   # Only the scored positions go through the LM head (0 elsewhere).
   out = ops.fused_token_logps(
-      hidden[:, :-1], model.unembedding(), tokens[:, 1:],
-      chunk_size=chunk_size, temperature=temperature,
-      return_entropy=return_entropy, where=mask)
+    hidden[:, :-1],
+    model.unembedding(),
+    tokens[:, 1:],
+    chunk_size=chunk_size,
+    temperature=temperature,
+    return_entropy=return_entropy,
+    where=mask,
+  )
   if return_entropy:
     token_logps, entropy = out
     return token_logps, mask, entropy
@@ -60,9 +72,12 @@ def completion_token_logps(model, tokens, attention_mask, completion_mask, *,
 def pad_to_same_length(*arrays, pad_value=0):
   """Right-pads ``[B, L_i]`` arrays to the longest ``L``."""
   length = max(a.shape[1] for a in arrays)
-  return [jnp.pad(a, ((0, 0), (0, length - a.shape[1])),
-                  constant_values=pad_value) if a.shape[1] < length else a
-          for a in arrays]
+  return [
+    jnp.pad(a, ((0, 0), (0, length - a.shape[1])), constant_values=pad_value)
+    if a.shape[1] < length
+    else a
+    for a in arrays
+  ]
 
 
 def split_kwargs(fn: Callable) -> tuple[list[str], list[str], set[str]]:
@@ -83,26 +98,30 @@ def split_kwargs(fn: Callable) -> tuple[list[str], list[str], set[str]]:
   return arrays, required, hyper
 
 
-def check_hyperparameters(fn: Callable, hyper: Mapping, where: str,
-                          fn_name: str) -> None:
+def check_hyperparameters(
+  fn: Callable, hyper: Mapping, where: str, fn_name: str
+) -> None:
   """Fails at start if a config key is not a hyperparameter of ``fn``."""
   _, _, valid = split_kwargs(fn)
   unknown = sorted(set(hyper) - valid)
   if unknown:
     raise ValueError(
-        f"{where}: {unknown} are not hyperparameters of {fn_name}; valid "
-        f"ones are {sorted(valid)}.")
+      f"{where}: {unknown} are not hyperparameters of {fn_name}; valid "
+      f"ones are {sorted(valid)}."
+    )
 
 
-def call_by_name(fn: Callable, available: Mapping[str, jax.Array],
-                 hyper: Mapping, fn_name: str):
+def call_by_name(
+  fn: Callable, available: Mapping[str, jax.Array], hyper: Mapping, fn_name: str
+):
   """Calls ``fn`` with the arrays it names, taken from ``available``."""
   arrays, required, _ = split_kwargs(fn)
   missing = [a for a in required if a not in available]
   if missing:
     raise ValueError(
-        f"{fn_name} needs arrays {missing}, which this trainer does not "
-        f"provide; it provides {sorted(available)}.")
+      f"{fn_name} needs arrays {missing}, which this trainer does not "
+      f"provide; it provides {sorted(available)}."
+    )
   args = {a: available[a] for a in arrays if a in available}
   return fn(**args, **dict(hyper))
 
@@ -110,8 +129,9 @@ def call_by_name(fn: Callable, available: Mapping[str, jax.Array],
 def masked_batch_mean(x, mask):
   """Mean of ``x [B]`` over rows where ``mask`` is True (0 if none)."""
   x = jnp.asarray(x, jnp.float32)
-  return ops.safe_divide(jnp.sum(jnp.where(mask, x, 0.0)),
-                         jnp.sum(mask, dtype=jnp.float32))
+  return ops.safe_divide(
+    jnp.sum(jnp.where(mask, x, 0.0)), jnp.sum(mask, dtype=jnp.float32)
+  )
 
 
 # --------------------------------------------------------------------------
@@ -228,7 +248,10 @@ def completion_forward(
   unembedding = model.unembedding()
   mask = jnp.logical_and(completion_mask[:, 1:], attention_mask[:, 1:])
   token_logps = ops.fused_token_logps(
-    hidden[:, :-1], unembedding, tokens[:, 1:], chunk_size=chunk_size,
+    hidden[:, :-1],
+    unembedding,
+    tokens[:, 1:],
+    chunk_size=chunk_size,
     where=mask,
   )
   return CompletionForward(

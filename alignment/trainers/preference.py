@@ -769,9 +769,7 @@ def run(
     init_params=(lambda _: init_params) if init_params is not None else None,
   )
   batches = _data.iterator(config, kind, tokenizer, run_)
-  bound = (
-    _packing.share_prompt_bound(config) if kind == "preference" else None
-  )
+  bound = _packing.share_prompt_bound(config) if kind == "preference" else None
   if bound is not None:  # a clear error before a pair is packed wrongly
     batches = _packing.CheckedBatches(
       batches, completion_len=bound, where="config.share_prompt"
@@ -802,7 +800,12 @@ def run(
     run_.model.graphdef, run_.model.rest, config, guidance=guidance
   )
   state, history = _setup.train_offline(
-    config, run_, loss_fn, batches, frozen=frozen, name="preference",
+    config,
+    run_,
+    loss_fn,
+    batches,
+    frozen=frozen,
+    name="preference",
     console_keys=("loss", "reward_accuracy"),
   )
   _setup.finish(run_, state, history, kind="causal_lm", name="preference")

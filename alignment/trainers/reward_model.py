@@ -522,9 +522,7 @@ def make_loss_fn(graphdef, rest, config):
   noise_samples = int(rm_cfg.get("noise_samples", 1))
   self_confidence = float(rm_cfg.get("self_confidence", 1.0))
   regression = name == "multi_objective_regression"
-  bound = (
-    _packing.share_prompt_bound(config) if dkind == "preference" else None
-  )
+  bound = _packing.share_prompt_bound(config) if dkind == "preference" else None
 
   def pairwise(params, frozen, batch, rng):
     del frozen
