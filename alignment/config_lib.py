@@ -117,6 +117,7 @@ def optimizer(
   block.eps = 1e-8
   block.weight_decay = 0.0
   block.grad_clip_norm = 1.0
+  block.mu_dtype = "float32"  # or "bfloat16": Adam's first moment stored bf16
   block.update(kw)
   return block
 
