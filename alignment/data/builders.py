@@ -6,8 +6,9 @@ downloads it from the public address in ``URLS`` (online machines only).
 Rows are converted to the canonical kinds of :mod:`records` and written in
 source order (``disable_shuffling=True``) to
 ``<data_dir>/<name>/<config>/<version>/``, where the config name is a
-fingerprint of the input files (path, size, mtime), the split and the
-options, so a changed file is rebuilt and an unchanged one is reused.
+fingerprint of the input files (name, size and SHA-256 of the bytes), the
+split and the options, so a changed file is rebuilt and an unchanged one is
+reused, wherever it was copied or moved to.
 
 ================= ==================================== ============= ========
 name              source format                        kind          margin
@@ -1428,14 +1429,46 @@ class BuiltDataset:
     return int(self.report["rows_written"])
 
 
+# SHA-256 of a file's bytes, keyed by (resolved path, size, mtime): each
+# input file is read once per process however often its source is opened.
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _file_digest(f: pathlib.Path) -> str:
+  st = f.stat()
+  key = (str(f.resolve()), st.st_size, st.st_mtime_ns)
+  digest = _DIGESTS.get(key)
+  if digest is None:
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+      for block in iter(lambda: fh.read(1 << 22), b""):
+        h.update(block)
+    digest = _DIGESTS[key] = h.hexdigest()
+  return digest
+
+
 def _fingerprint(cls, path, split, on_error, options) -> str:
-  """Hash of the builder, split, options and input files (path, size,
-  mtime), or of the public URLs when there is no local path."""
+  """Hash of the builder, split, options and input files, or of the public
+  URLs when there is no local path.
+
+  A local input file counts by its name (relative to ``path`` when that is
+  a directory, since builders pick splits by file name), size and the
+  SHA-256 of its bytes, not by where it lies or when it was written: a
+  copied or moved dataset, or a copied run directory, has the same
+  fingerprint, so its build is reused and a data-iterator state saved with
+  the original restores on the copy.
+  """
   if path:
+    root = pathlib.Path(path).resolve()
     files = []
     for f in cls.local_files(pathlib.Path(path), split):
-      st = f.stat()
-      files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+      resolved = f.resolve()
+      name = (
+        resolved.relative_to(root).as_posix()
+        if root.is_dir() and resolved.is_relative_to(root)
+        else resolved.name
+      )
+      files.append([name, f.stat().st_size, _file_digest(f)])
   else:
     files = list(cls.URLS.get(split, ()))
   blob = json.dumps(

@@ -439,6 +439,13 @@ class CacheTest(absltest.TestCase):
     c = builders.build("jsonl", **kw)
     self.assertNotEqual(a.directory, c.directory)
     self.assertEqual(c.num_rows, 2)
+    # The same bytes elsewhere, written later: the same build.
+    moved = root / "elsewhere" / "d.jsonl"
+    moved.parent.mkdir()
+    moved.write_bytes(path.read_bytes())
+    os.utime(moved, (1e9, 1e9))
+    e = builders.build("jsonl", **{**kw, "path": moved})
+    self.assertEqual(e.directory, c.directory)
     # Different options (kind) are different builds.
     d = builders.build(
       "jsonl", path=path, data_dir=root / "tfds", options={"kind": "prompt"}

@@ -5,8 +5,10 @@ import collections
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 from absl.testing import absltest, parameterized
@@ -349,6 +351,33 @@ class StreamTest(parameterized.TestCase):
     self.assertEqual(
       json.loads(proc.stdout.strip().splitlines()[-1])["rows"], it.stats["rows"]
     )
+
+  def test_state_restores_on_a_copied_run_directory(self):
+    # A run directory (data file + its builds) copied elsewhere, with new
+    # mtimes: the copy's iterator takes the original's state and goes on
+    # with the same batches; changed data is still refused.
+    it = self._it(3)
+    _take(it, 4)
+    state = json.loads(json.dumps(it.get_state()))
+    want = _take(it, 2)
+    copy = self.root / "copy"
+    shutil.copytree(self.root, copy, ignore=shutil.ignore_patterns("copy"))
+    later = time.time() + 100
+    for f in copy.rglob("*"):
+      os.utime(f, (later, later))
+    cfg = _cfg(copy, path=str(copy / "p.jsonl"), shuffle=True)
+    moved = pipeline.make_preference_iterator(
+      cfg, TOK, batch_size=3, seed=0, process_index=0, process_count=1
+    )
+    moved.set_state(state)
+    for w, g in zip(want, _take(moved, 2), strict=True):
+      np.testing.assert_array_equal(w.chosen_tokens, g.chosen_tokens)
+    records.write_jsonl(_pairs(11), copy / "p.jsonl")
+    changed = pipeline.make_preference_iterator(
+      cfg, TOK, batch_size=3, seed=0, process_index=0, process_count=1
+    )
+    with self.assertRaisesRegex(ValueError, "source"):
+      changed.set_state(state)
 
   def test_set_state_rejects_other_layouts(self):
     state = self._it(3).get_state()

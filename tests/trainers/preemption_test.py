@@ -17,6 +17,7 @@ Children share a persistent compilation cache, so only the first compiles.
 """
 
 import pathlib
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -67,9 +68,9 @@ def _checked(workdir, *extra):
   return proc
 
 
-def _start_slow(workdir, pause=0.5):
+def _start_slow(workdir, *extra, pause=0.5):
   return subprocess.Popen(
-    _cmd(workdir, slow=True),
+    _cmd(workdir, *extra, slow=True),
     cwd=_util.REPO,
     env=_util.subprocess_env(ALIGNMENT_TEST_STEP_SLEEP=str(pause)),
     stdout=subprocess.DEVNULL,
@@ -204,6 +205,26 @@ class CommandLineAndPreemptionTest(absltest.TestCase):
     self.assertLess(max(_steps_on_disk(workdir)), STEPS)
     _checked(workdir)
     self.assert_same_run(workdir)
+
+  def test_copied_workdir_resumes_like_the_original(self):
+    # Killed after its step-4 checkpoint, its data (written and built
+    # under the workdir) and checkpoints then moved elsewhere (copied with
+    # new mtimes, the original deleted): the copy resumes, since data
+    # fingerprints follow file contents, not paths or mtimes, and ends
+    # identical to the uninterrupted run.
+    workdir = self.root / "to_move"
+    proc = _start_slow(workdir, f"--config.data.data_dir={workdir / 'data'}")
+    _wait_for(lambda: 4 in _steps_on_disk(workdir), proc, "checkpoint 4")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    proc.stderr.close()
+    moved = self.root / "moved" / "run"
+    shutil.copytree(workdir, moved)
+    shutil.rmtree(workdir)
+    self.assertLess(max(_steps_on_disk(moved)), STEPS)
+    proc = _checked(moved, f"--config.data.data_dir={moved / 'data'}")
+    self.assertIn("resumed from", proc.stderr)
+    self.assert_same_run(moved)
 
   def test_sigterm_saves_exits_143_and_resumes(self):
     workdir = self.root / "terminated"
