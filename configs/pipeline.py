@@ -4,7 +4,7 @@ GRPO against the learned reward → report. What ``make run`` runs.
   python -m alignment.main --config=configs/pipeline.py --workdir=runs/default
 A shorter version (what the test runs):
   ... --config=configs/pipeline.py:quick
-Change one stage: --config.grpo.total_steps=40 --config.dpo.loss.beta=0.2
+Change one stage: --config.grpo.total_steps=40 --config.dpo.loss.beta=0.5
 """
 
 import ml_collections
@@ -98,7 +98,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     preset=arg.model,
     data_kw=dict(source="jsonl"),
   )
-  dpo.loss = config_lib.loss("dpo", beta=0.1)
+  # beta 1.0: at 0.1 the DPO stage overfit the learned labels on some seeds
+  # (seed 0: gold 0.615, below SFT; 0.847 at 1.0, seeds 0-2 0.843-0.854).
+  dpo.loss = config_lib.loss("dpo", beta=1.0)
   dpo.reference = "init"
   config.dpo = dpo
 
