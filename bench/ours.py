@@ -143,7 +143,7 @@ def build(spec) -> Built:
   from alignment import config_lib, models
   from alignment import sharding as sharding_lib
   from alignment.data.batches import PreferenceBatch
-  from alignment.trainers import common
+  from alignment.trainers import _setup, common
 
   task = spec["task"]
   cfg = models.get_preset(
@@ -191,11 +191,6 @@ def build(spec) -> Built:
     shardings["rng"] = repl
     return tx, jax.device_put(state, shardings), shardings
 
-  def frozen_copy(params):
-    return jax.jit(
-      lambda p: jax.tree.map(lambda x: x + 0, p), out_shardings=p_shard
-    )(params)
-
   if task in ("dpo", "rm"):
     prompt, chosen, rejected = _protocol.preference_ids(spec)
     b, p = prompt.shape
@@ -227,7 +222,7 @@ def build(spec) -> Built:
       config.loss.beta = spec.get("beta", 0.1)
       loss_fn, _, needs_ref = preference.make_loss_fn(graphdef, rest, config)
       assert needs_ref
-      frozen = frozen_copy(params)
+      frozen = _setup.frozen_copy(params, p_shard)
     else:
       from alignment.trainers import reward_model
 
@@ -273,7 +268,7 @@ def build(spec) -> Built:
     loss_fn = rl.make_policy_loss(graphdef, rest, None, None, config)
     tx, state, _ = state_of(config, {"policy": params}, {"policy": p_shard})
     train = jax.jit(common.make_train_step(loss_fn, tx), donate_argnums=(0,))
-    ref = frozen_copy(params)
+    ref = _setup.frozen_copy(params, p_shard)
     # EOS outside the vocabulary: every row samples exactly T tokens, as
     # on the peers' side (min_new_tokens / no EOS), so the work is equal.
     sampler = sampling.Sampler(
