@@ -28,6 +28,11 @@ config_flags.DEFINE_config_file(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from alignment import host_memory  # noqa: PLC0415
+
+  # Before JAX starts its threads: on the CPU, freed step temporaries stay
+  # mapped instead of faulting in again every step ($ALIGNMENT_MALLOC).
+  host_memory.configure()
   import jax  # noqa: PLC0415 - after flags so XLA flags can be set first
 
   if os.environ.get("ALIGNMENT_DISTRIBUTED"):
