@@ -11,8 +11,11 @@ What it does:
    trl 1.16.0, transformers 5.23.0; ``.venv-tunix`` with google-tunix 0.1.7)
    and looks for jemalloc (``libjemalloc2``).
 2. Runtime-settings probe, per preset and for the DPO and the reward-model
-   step each: the step under glibc malloc and under jemalloc
-   (``LD_PRELOAD``) for our JAX side, each also data-parallel over one
+   step each: the step under each allocator of ``ALLOCATORS`` for both
+   frameworks (glibc's defaults; glibc keeping freed memory, as
+   ``alignment.main`` does on the CPU: both XLA:CPU and torch otherwise
+   fault every step's temporaries in again; jemalloc, ``LD_PRELOAD``,
+   keeping dirty pages), ours each also data-parallel over one
    host device per core (``--probe-devices``; XLA:CPU runs the many small
    ops of a tiny model on one thread each, so splitting the batch over
    devices is how JAX uses the cores there, as ``FAKE_DEVICES=2
@@ -67,6 +70,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import _protocol  # noqa: E402
+
+from alignment import host_memory  # noqa: E402
 
 PY = {
   "ours": ROOT / ".venv" / "bin" / "python",
@@ -219,9 +224,21 @@ class Worker:
     self.log.flush()
 
 
+ALLOCATORS = ("glibc", "glibc-keep", "jemalloc")
+"""``glibc``: the C library's defaults (blocks over 32 MiB, and those of
+threads off the main arena, mapped and unmapped per allocation, so every
+step faults its temporaries in again); ``glibc-keep``: glibc told to keep
+freed memory (``alignment.host_memory.keep_env()``, what ``alignment.main``
+sets on the CPU by default); ``jemalloc``: ``LD_PRELOAD`` jemalloc with
+:data:`JEMALLOC_CONF` (it keeps dirty pages too)."""
+
+JEMALLOC_CONF = "retain:true,dirty_decay_ms:-1,muzzy_decay_ms:-1"
+
+
 def runtime_env(setting, jemalloc_path):
   """Env of a runtime setting ``"<allocator>[,t<threads>][,d<devices>]"``.
 
+  ``<allocator>``: one of :data:`ALLOCATORS`.
   ``t<n>``: torch intra-op threads (``OMP_NUM_THREADS``). ``d<n>``: the JAX
   CPU backend split into n host devices
   (``--xla_force_host_platform_device_count``, as ``FAKE_DEVICES=n
@@ -229,8 +246,15 @@ def runtime_env(setting, jemalloc_path):
   """
   env = {}
   allocator, *rest = setting.split(",")
-  if allocator == "jemalloc" and jemalloc_path:
-    env.update(LD_PRELOAD=jemalloc_path, MALLOC_CONF="retain:true")
+  if allocator not in ALLOCATORS:
+    raise ValueError(
+      f"runtime setting {setting!r}: allocator {allocator!r}; valid "
+      f"choices are {', '.join(ALLOCATORS)}"
+    )
+  if allocator == "glibc-keep":
+    env.update(host_memory.keep_env())
+  elif allocator == "jemalloc" and jemalloc_path:
+    env.update(LD_PRELOAD=jemalloc_path, MALLOC_CONF=JEMALLOC_CONF)
   for r in rest:
     if r.startswith("t"):
       env["OMP_NUM_THREADS"] = r[1:]
@@ -502,8 +526,8 @@ def main():
   parser.add_argument(
     "--allocator",
     default="auto",
-    choices=("auto", "glibc", "jemalloc"),
-    help="auto: probe glibc/jemalloc (and torch threads) per preset",
+    choices=("auto", "glibc", "glibc-keep", "jemalloc"),
+    help="auto: probe the allocators (and torch threads) per preset and step",
   )
   parser.add_argument(
     "--probe-devices",
@@ -588,14 +612,17 @@ def main():
     for task in PROBED_TASKS:
       if not (args.allocator == "auto" and task in only):
         continue
-      allocators = ["glibc"] + (["jemalloc"] if jemalloc else [])
+      allocators = ["glibc", "glibc-keep"] + (["jemalloc"] if jemalloc else [])
       probe = [f"ours@{a}" for a in allocators]
       if args.probe_devices > 1:
-        probe += [f"ours@{a},d{args.probe_devices}" for a in allocators]
+        # glibc's two settings only (jemalloc over two devices never won
+        # and its workers hold the most memory: 10 concurrent workers of the
+        # small DPO step come close to this machine's 23 GiB).
+        probe += [
+          f"ours@{a},d{args.probe_devices}" for a in ("glibc", "glibc-keep")
+        ]
       if "trl" not in unavailable:
-        probe += ["trl@glibc"] + (
-          ["trl@jemalloc", "trl@jemalloc,t1"] if jemalloc else ["trl@glibc,t1"]
-        )
+        probe += [f"trl@{a}" for a in allocators] + [f"trl@{allocators[-1]},t1"]
       res = run_benchmark(
         f"settings_{task}_{preset}",
         probe,

@@ -68,7 +68,23 @@ class RuntimeSettingsTest(absltest.TestCase):
     self.assertIn(
       "--xla_force_host_platform_device_count=2", env["XLA_FLAGS"].split()
     )
+    self.assertEqual(env["MALLOC_CONF"], run_all.JEMALLOC_CONF)
+    self.assertIn("dirty_decay_ms:-1", env["MALLOC_CONF"])
     self.assertEqual(run_all.runtime_env("glibc", "/x.so"), {})
+
+  def test_glibc_keep_is_alignment_mains_setting_for_every_framework(self):
+    from alignment import host_memory  # noqa: PLC0415
+
+    env = run_all.runtime_env("glibc-keep,t1", None)
+    self.assertEqual(
+      {k: v for k, v in env.items() if k.startswith("MALLOC")},
+      host_memory.keep_env(),
+    )
+    self.assertNotIn("LD_PRELOAD", env)
+
+  def test_unknown_allocator_names_the_choices(self):
+    with self.assertRaisesRegex(ValueError, "glibc, glibc-keep, jemalloc"):
+      run_all.runtime_env("tcmalloc,d2", None)
 
   def test_devices_setting_keeps_other_xla_flags(self):
     with mock.patch.dict("os.environ", {"XLA_FLAGS": "--xla_cpu_foo=1"}):
