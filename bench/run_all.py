@@ -22,9 +22,11 @@ What it does:
    launch/local.sh`` does); for TRL also with one torch thread
    (``OMP_NUM_THREADS=1``: on a loaded machine OpenMP's spinning threads
    can slow torch several times). Each framework then runs that step under
-   the setting that served it best (GRPO and the long pairs under the DPO
-   step's allocator, on one device; JAX's allocator choice also applies to
-   Tunix, which shares XLA's runtime, on one device).
+   the setting that served it best (GRPO under the DPO step's allocator,
+   on one device; JAX's allocator choice also applies to Tunix, which
+   shares XLA's runtime, on one device). The long pairs, the peak-memory
+   benchmark, run every side under glibc's defaults (``MEMORY_SETTING``):
+   a keeping allocator would report its cache's high-water mark.
 3. For the ``tiny`` and ``small`` presets, the DPO train step (ours, TRL
    ``DPOTrainer`` in float32 and with TRL's defaults, Tunix ``DPOTrainer``),
    the reward-model train step (ours, TRL ``RewardTrainer``) and one GRPO
@@ -233,6 +235,13 @@ sets on the CPU by default); ``jemalloc``: ``LD_PRELOAD`` jemalloc with
 :data:`JEMALLOC_CONF` (it keeps dirty pages too)."""
 
 JEMALLOC_CONF = "retain:true,dirty_decay_ms:-1,muzzy_decay_ms:-1"
+
+
+MEMORY_TASKS = ("dpo_long",)
+"""Benchmarks of peak memory, run under :data:`MEMORY_SETTING`, not the
+probe's fastest setting."""
+
+MEMORY_SETTING = {"jax": "glibc", "torch": "glibc"}
 
 
 def runtime_env(setting, jemalloc_path):
@@ -601,7 +610,7 @@ def main():
   # loaded machine OpenMP's spinning threads can cost torch several times).
   # The DPO and RM steps are probed each (one allocator can suit one step
   # and not the other: the tiny RM step ran 1.5x slower under jemalloc);
-  # GRPO and the long pairs use the DPO step's choice.
+  # GRPO uses the DPO step's choice; the long pairs MEMORY_SETTING.
   default = "jemalloc" if jemalloc and args.allocator != "glibc" else "glibc"
   chosen = {}
   run["settings"] = {}
@@ -654,6 +663,12 @@ def main():
     def env_of(side):
       base = side.split("@")[0]
       fw = FRAMEWORK["trl" if base.startswith("trl") else base]
+      if task in MEMORY_TASKS:
+        # Peak memory of the step, not of an allocator's cache: the C
+        # library's defaults for every side (a keeping allocator holds the
+        # high-water mark of overlapping steps: 5010 vs 3171 MiB for ours,
+        # 6953 vs 6970 for TRL's, in the 2026-11-22 19:37 run).
+        return runtime_env(single_device(MEMORY_SETTING[fw]), jemalloc)
       if base == "ours" and task in PROBED_TASKS:
         return runtime_env(setting[fw], jemalloc)
       return runtime_env(single_device(setting[fw]), jemalloc)
@@ -795,7 +810,8 @@ def render_table(run, results):
     f"start, {m.get('load_average_end', [0])[0]:.1f} at end (shared "
     f"machine: compare ratios, not absolute figures). Runtime settings "
     f"(allocator[,torch threads][,JAX host devices], the faster of each "
-    f"framework's probe; GRPO, the long pairs and Tunix on one device): "
+    f"framework's probe; GRPO and Tunix on one device; the long pairs, "
+    f"a peak-memory benchmark, glibc defaults for every side): "
     + "; ".join(
       _settings_text(preset, c)
       for preset, c in run["settings"]["chosen"].items()
