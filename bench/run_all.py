@@ -303,6 +303,8 @@ def run_benchmark(name, sides, spec_of, args, env_of, notes=None):
     w.quit()
   result = summarise(name, sides, workers, spec_of, env_of, notes or {})
   result["wall_s"] = time.perf_counter() - t0
+  info = machine_info()
+  result["measured"] = {"date_utc": info["date_utc"], "commit": info["commit"]}
   print_result(result)
   return result
 
@@ -877,6 +879,18 @@ def render_table(run, results):
         f"{_fmt_ratio(r.get('cpu_speedup'))} | "
         f"{_fmt_ratio(r.get('memory_ratio'))} |"
       )
+  other_runs = sorted(
+    {
+      (res["measured"]["date_utc"], res["measured"]["commit"], key)
+      for key, res in results.items()
+      if res.get("measured", {}).get("commit") not in (None, m["commit"])
+    }
+  )
+  if other_runs:
+    lines += [""] + [
+      f"`{key}` rows: a separate run, {date} UTC, commit `{commit}`."
+      for date, commit, key in other_runs
+    ]
   lines += ["", "Targets (issue 8):", ""]
   lines += targets_lines(results)
   for key, title in (
