@@ -30,8 +30,9 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from alignment import host_memory  # noqa: PLC0415
 
-  # Before JAX starts its threads: on the CPU, freed step temporaries stay
-  # mapped instead of faulting in again every step ($ALIGNMENT_MALLOC).
+  # Before JAX starts its threads: with ALIGNMENT_MALLOC=keep (or auto on
+  # the CPU) freed step temporaries stay mapped instead of faulting in
+  # again every step (default: the C library's defaults).
   host_memory.configure()
   import jax  # noqa: PLC0415 - after flags so XLA flags can be set first
 

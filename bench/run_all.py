@@ -13,7 +13,7 @@ What it does:
 2. Runtime-settings probe, per preset and for the DPO and the reward-model
    step each: the step under each allocator of ``ALLOCATORS`` for both
    frameworks (glibc's defaults; glibc keeping freed memory, as
-   ``alignment.main`` does on the CPU: both XLA:CPU and torch otherwise
+   ``alignment.main`` does with ``ALIGNMENT_MALLOC=keep``: both XLA:CPU and torch otherwise
    fault every step's temporaries in again; jemalloc, ``LD_PRELOAD``,
    keeping dirty pages), ours each also data-parallel over one
    host device per core (``--probe-devices``; XLA:CPU runs the many small
@@ -231,7 +231,7 @@ ALLOCATORS = ("glibc", "glibc-keep", "jemalloc")
 threads off the main arena, mapped and unmapped per allocation, so every
 step faults its temporaries in again); ``glibc-keep``: glibc told to keep
 freed memory (``alignment.host_memory.keep_env()``, what ``alignment.main``
-sets on the CPU by default); ``jemalloc``: ``LD_PRELOAD`` jemalloc with
+sets with ``ALIGNMENT_MALLOC=keep``); ``jemalloc``: ``LD_PRELOAD`` jemalloc with
 :data:`JEMALLOC_CONF` (it keeps dirty pages too)."""
 
 JEMALLOC_CONF = "retain:true,dirty_decay_ms:-1,muzzy_decay_ms:-1"

@@ -80,6 +80,10 @@ class ResolveTest(parameterized.TestCase):
     for key in (host_memory.ENV_VAR, "LD_PRELOAD", "JAX_PLATFORMS"):
       self.enter_context(absltest.mock.patch.dict(os.environ, {key: ""}))
 
+  def test_default_is_the_c_librarys(self):
+    self.assertEqual(host_memory.resolve(), "system")
+    self.assertEqual(host_memory.configure(), "system")
+
   def test_explicit_modes(self):
     self.assertEqual(host_memory.resolve("keep"), "keep")
     self.assertEqual(host_memory.resolve(" System "), "system")

@@ -72,7 +72,7 @@ class RuntimeSettingsTest(absltest.TestCase):
     self.assertIn("dirty_decay_ms:-1", env["MALLOC_CONF"])
     self.assertEqual(run_all.runtime_env("glibc", "/x.so"), {})
 
-  def test_glibc_keep_is_alignment_mains_setting_for_every_framework(self):
+  def test_glibc_keep_is_alignment_mains_keep_for_every_framework(self):
     from alignment import host_memory  # noqa: PLC0415
 
     env = run_all.runtime_env("glibc-keep,t1", None)
