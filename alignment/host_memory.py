@@ -75,6 +75,13 @@ def keep_env() -> dict[str, str]:
   return {var: str(value) for _, _, var, value in KEEP_SETTINGS}
 
 
+def _requested(mode: str | None) -> str:
+  """``mode``, else ``$ALIGNMENT_MALLOC``, else ``system``; normalised."""
+  if mode is None:
+    mode = os.environ.get(ENV_VAR, "")
+  return mode.strip().lower() or "system"
+
+
 def resolve(mode: str | None = None) -> str:
   """``keep`` or ``system`` for ``mode`` (default: ``$ALIGNMENT_MALLOC``,
   else ``system``).
@@ -83,9 +90,7 @@ def resolve(mode: str | None = None) -> str:
     ValueError: for a mode that is not one of :data:`MODES`, naming the
       environment variable and the valid choices.
   """
-  if mode is None:
-    mode = os.environ.get(ENV_VAR, "system") or "system"
-  mode = mode.strip().lower()
+  mode = _requested(mode)
   if mode not in MODES:
     raise ValueError(
       f"{ENV_VAR}={mode!r}; valid choices are {', '.join(MODES)}."
@@ -126,8 +131,8 @@ def configure(mode: str | None = None) -> str:
     RuntimeError: ``keep`` asked for explicitly where glibc's ``mallopt``
       is unavailable or refuses a setting.
   """
-  explicit = (mode or os.environ.get(ENV_VAR) or "system").strip().lower()
-  effective = resolve(mode)
+  explicit = _requested(mode)
+  effective = resolve(explicit)
   if effective == "system":
     logging.info("host malloc: system defaults (%s=%s)", ENV_VAR, explicit)
     return "system"
