@@ -4,8 +4,12 @@ Compares, for ``hidden [B, T, D]``, ``unembedding [D, V]``, ``targets``:
 
 * ``naive``: ``ops.token_logps(hidden @ W, targets)`` (materialises
   ``[B, T, V]`` logits, and their gradient in the backward pass);
-* ``fused``: ``ops.fused_token_logps(hidden, W, targets)`` (tiles of
-  ``chunk_size x vocab_chunk_size``, recomputed in the backward pass);
+* ``fused``: ``ops.fused_token_logps(hidden, W, targets)`` with its
+  defaults: a dense head of the first ``ops.fused_dense_rows(V)`` rows (one
+  untiled product, logits kept for the backward pass; 256 rows at
+  V = 32768), then tiles of ``chunk_size x vocab_chunk_size``, recomputed
+  in the backward pass;
+* ``fused:tiles``: the same with ``dense_rows=0``, tiles only;
 * ``floor``: the matmul work that any implementation must do, the forward
   ``[B·T, D] x [D, V]`` product and the two backward products with a given
   cotangent ``G [B·T, V]``: ``sum(h @ W * G)`` (XLA fuses the product into
@@ -45,6 +49,8 @@ ratios, so slow drift of a shared machine cancels.
   python bench/logprobs.py            # B=4 T=1024 D=512, V=32768 and 131072
   python bench/logprobs.py --quick    # small sizes, seconds
   python bench/logprobs.py --configs 1024:4096,512:None   # tile sweep
+  python bench/logprobs.py --batch 1 --length 256 --vocabs 32000 --no-trl
+      # few rows (a DPO / GRPO step's completions): all in the dense head
   python bench/logprobs.py --rss --repeats 0   # memory only (no TRL)
   python bench/logprobs.py --json bench/results/logprobs.json
 """
@@ -265,13 +271,16 @@ def _variant(name, args):
     return jax.jit(floor), (g, h_t)
   if name == "naive":
     fn = lambda h, w, t: ops.token_logps(h @ w, t)
-  else:  # "fused" or "fused:<chunk>:<vocab_chunk>"
+  else:  # "fused", "fused:tiles" or "fused:<chunk>:<vocab_chunk>[:<dense>]"
     kwargs = {}
-    if name != "fused":
-      _, chunk, vocab_chunk = name.split(":")
+    if name == "fused:tiles":
+      kwargs = dict(dense_rows=0)
+    elif name != "fused":
+      _, chunk, vocab_chunk, *dense = name.split(":")
       kwargs = dict(
         chunk_size=int(chunk),
         vocab_chunk_size=None if vocab_chunk == "None" else int(vocab_chunk),
+        dense_rows=int(dense[0]) if dense else 0,
       )
     fn = lambda h, w, t: ops.fused_token_logps(h, w, t, **kwargs)
 
@@ -373,7 +382,9 @@ def main():
   parser.add_argument("--vocab", type=int, default=0, help=argparse.SUPPRESS)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument(
-    "--configs", default="", help="extra fused tiles 'chunk:vocab_chunk,...'"
+    "--configs",
+    default="",
+    help="extra fused tiles 'chunk:vocab_chunk[:dense_rows],...'",
   )
   parser.add_argument(
     "--no-naive",
@@ -400,7 +411,7 @@ def main():
     args.batch, args.length, args.width = 2, 256, 128
     if args.vocabs == "32768,131072":
       args.vocabs = "4096,16384"
-  names = ["fused"] + ([] if args.no_naive else ["naive"])
+  names = ["fused", "fused:tiles"] + ([] if args.no_naive else ["naive"])
   names += ["floor", "floor_vjp"]
   names += [f"fused:{c}" for c in args.configs.split(",") if c]
   print(f"machine: {_machine()}")

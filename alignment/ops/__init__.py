@@ -7,6 +7,8 @@ from alignment.ops._attention import *  # noqa: F403
 from alignment.ops._fused import (
   FUSED_DEFAULT_CHUNK_SIZE,
   FUSED_DEFAULT_VOCAB_CHUNK_SIZE,
+  FUSED_DENSE_LOGITS_BYTES,
+  fused_dense_rows,
   fused_token_logps,
 )
 from alignment.ops._kl import (

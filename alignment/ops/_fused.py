@@ -11,6 +11,15 @@ per-row log-sum-exp and accumulates the gradients of the hidden states and of
 the unembedding tile by tile. Peak extra memory is a few tiles plus one
 ``[V, D]`` float32 gradient accumulator, instead of several ``[B, T, V]``
 arrays; the price is one extra ``[B·T, D] x [D, V]`` matmul (the recompute).
+
+When few rows are computed, tiling costs more than it saves (on XLA:CPU
+the loops over row chunks and vocabulary tiles are slower than one large
+product, and the recompute is a fourth matmul). So when the computed rows
+fit ``dense_rows`` (by default as many as fit 32 MiB of float32 logits)
+they take a *dense head* instead: one untiled ``[rows, D] x [D, V]``
+product whose logits are kept from the forward pass for the backward pass
+(three matmuls, no loops).
+
 Internally the unembedding is used as ``W^T [V, D]`` (a tied embedding
 table as it is stored), so vocabulary tiles are contiguous row blocks.
 
@@ -32,8 +41,10 @@ from alignment.array_types import In, Out, typechecked
 
 __all__ = [
   "fused_token_logps",
+  "fused_dense_rows",
   "FUSED_DEFAULT_CHUNK_SIZE",
   "FUSED_DEFAULT_VOCAB_CHUNK_SIZE",
+  "FUSED_DENSE_LOGITS_BYTES",
 ]
 
 FUSED_DEFAULT_CHUNK_SIZE = 1024
@@ -41,6 +52,32 @@ FUSED_DEFAULT_CHUNK_SIZE = 1024
 
 FUSED_DEFAULT_VOCAB_CHUNK_SIZE = 4096
 """Default vocabulary columns per tile; see ``bench/logprobs.py``."""
+
+FUSED_DENSE_LOGITS_BYTES = 32 * 1024 * 1024
+"""Default size of the dense head's kept float32 logits (see
+``fused_token_logps``'s ``dense_rows`` and ``bench/logprobs.py``)."""
+
+
+def fused_dense_rows(vocab_size: int, max_rows: int | None = None) -> int:
+  """Default ``dense_rows`` of ``fused_token_logps``.
+
+  As many rows as fit ``FUSED_DENSE_LOGITS_BYTES`` of float32 logits at
+  ``vocab_size``, and at most ``max_rows``: pass an upper bound on the
+  number of computed positions when one is known (e.g. batch x maximum
+  completion length), so that the head is not wider than the work.
+  """
+  if vocab_size < 1:
+    raise ValueError(
+      f"fused_dense_rows: vocab_size must be >= 1, got {vocab_size}."
+    )
+  rows = FUSED_DENSE_LOGITS_BYTES // (4 * vocab_size)
+  if max_rows is not None:
+    if max_rows < 0:
+      raise ValueError(
+        f"fused_dense_rows: max_rows must be >= 0, got {max_rows}."
+      )
+    rows = min(rows, max_rows)
+  return int(rows)
 
 
 class _Static(NamedTuple):
@@ -162,6 +199,11 @@ def _forward(h, w, t, n_active, st: _Static):
 def _bwd_tile(h_c, w_v, t_c, lse_c, ent_c, g_c, gent_c, col0, st: _Static):
   """Returns ``dz / temperature`` for one ``[C, Vc]`` tile (float32)."""
   z = _tile_logits(h_c, w_v, st)
+  return _dz(z, t_c, lse_c, ent_c, g_c, gent_c, col0, st)
+
+
+def _dz(z, t_c, lse_c, ent_c, g_c, gent_c, col0, st: _Static):
+  """``dz / temperature`` of a tile from its logits ``z`` (float32)."""
   log_p = z - lse_c[:, None]
   p = jnp.exp(log_p)
   cols = col0 + jax.lax.broadcasted_iota(jnp.int32, z.shape, 1)
@@ -255,6 +297,56 @@ def _fused_bwd(st: _Static, residuals, cotangents):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
+# Dense head: one [R, V] tile, its logits kept as a residual. The backward
+# pass is dz from the kept logits and two matmuls, no recompute, no loops.
+
+
+def _dense_stats(h, w, t, st: _Static):
+  z = _tile_logits(h, w, st)
+  m, s, u, picked = _tile_stats(z, t, 0, st.with_entropy)
+  log_s = jnp.log(s)
+  entropy = log_s - u / s if st.with_entropy else jnp.zeros_like(s)
+  return z, m + log_s, picked, entropy
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _dense(h, w, t, st: _Static):
+  _, lse, picked, entropy = _dense_stats(h, w, t, st)
+  return picked - lse, entropy
+
+
+def _dense_fwd(h, w, t, st: _Static):
+  z, lse, picked, entropy = _dense_stats(h, w, t, st)
+  return (picked - lse, entropy), (h, w, t, z, lse, entropy)
+
+
+def _dense_bwd(st: _Static, residuals, cotangents):
+  h, w, t, z, lse, entropy = residuals
+  g, gent = cotangents
+  g = jnp.asarray(g, jnp.float32)
+  gent = jnp.asarray(gent, jnp.float32)
+  dz = _dz(z, t, lse, entropy, g, gent, 0, st).astype(w.dtype)
+  dh = _dot(dz, w, ((1,), (0,)))
+  dw = _dot(dz, h, ((0,), (0,)))
+  return dh.astype(h.dtype), dw.astype(w.dtype), None
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def _tiled(h, w, t, n_active, st: _Static):
+  """The tiled kernel on ``h [R, D]`` rows, ``R`` a multiple of the chunk."""
+  n_chunks = h.shape[0] // st.chunk
+  logps, entropy = _fused(
+    h.reshape(n_chunks, st.chunk, -1),
+    w,
+    t.reshape(n_chunks, st.chunk),
+    n_active,
+    st,
+  )
+  return logps.reshape(-1), entropy.reshape(-1)
+
+
 @typechecked
 def fused_token_logps(
   hidden: Float[In, "B T D"],
@@ -266,6 +358,7 @@ def fused_token_logps(
   temperature: float = 1.0,
   return_entropy: bool = False,
   where: Bool[In, "B T"] | None = None,
+  dense_rows: int | None = None,
 ) -> Float[Out, "B T"] | tuple[Float[Out, "B T"], Float[Out, "B T"]]:
   r"""Per-token log-probs of ``targets`` under ``softmax(hidden @ W / τ)``.
 
@@ -307,10 +400,27 @@ def fused_token_logps(
     where: optional bool ``[B, T]``, the positions to compute (e.g. the
       completion tokens). The others get log-prob and entropy 0 and no
       gradient, and cost nothing: rows are reordered so that the computed
-      ones come first, cut into chunks of at most ``chunk_size`` rows (and
-      at most ``max(128, B·T / 8)``), and chunks with no computed row are
-      skipped, so the work scales with the number of True positions
-      (rounded up to a chunk). NaN rows outside ``where`` are inert.
+      ones come first; unless the dense head takes them, they are cut into
+      chunks of at most ``chunk_size`` rows (and at most
+      ``max(128, B·T / 8)``), and
+      chunks with no computed row are skipped, so the work scales with the
+      number of True positions (rounded up to a chunk). NaN rows outside
+      ``where`` are inert.
+    dense_rows: the most computed rows that take the dense head instead
+      of the tiles: one untiled ``[rows, V]`` product whose float32 logits
+      are kept for the backward pass instead of recomputed (three matmuls,
+      no loops). Faster where the work is small (2-core CPU, fwd + bwd of
+      256 rows at V = 32000: 0.25 s vs 0.41 s tiled, with less memory;
+      ``bench/logprobs.py --batch 1 --length 256``); at thousands of rows
+      the tiles are as fast and leaner. Without ``where`` the head is taken
+      when ``B·T <= dense_rows``. With ``where`` it is a ``[dense_rows, V]``
+      product that costs all its rows, True or not, so it is taken (a
+      ``lax.cond`` on the count) when the True positions fit in it and fill
+      at least half of it. ``None``: ``fused_dense_rows(V)``, as many rows
+      as fit ``FUSED_DENSE_LOGITS_BYTES`` (32 MiB); 0: always tiles. Pass
+      ``fused_dense_rows(V, bound)`` when a tighter upper bound on the True
+      positions is known, to size the head to the work. Any value is
+      exact.
 
   Returns:
     float32 log-probs ``[B, T]``, not masked (zero outside ``where``); with
@@ -334,51 +444,76 @@ def fused_token_logps(
     raise ValueError(
       f"fused_token_logps: temperature must be > 0, got {temperature}."
     )
+  if dense_rows is not None and dense_rows < 0:
+    raise ValueError(
+      f"fused_token_logps: dense_rows must be >= 0 or None, got {dense_rows}."
+    )
   batch, length, width = hidden.shape
   vocab = unembedding.shape[1]
   hidden = jnp.asarray(hidden)
   unembedding = jnp.asarray(unembedding)
   dtype = jnp.promote_types(hidden.dtype, unembedding.dtype)
   rows = batch * length
-  chunk = max(1, min(chunk_size, rows))
   h = hidden.astype(dtype).reshape(rows, width)
   t = jnp.asarray(targets, jnp.int32).reshape(rows)
-  n_active = order = None
+  count = order = keep = None
   if where is not None:
-    # Chunks small enough that skipping whole ones pays: <= 1/8 of the rows.
-    chunk = min(chunk, max(128, 8 * -(-rows // 64)))
     keep = jnp.asarray(where, bool).reshape(rows)
     order = jnp.argsort(~keep, stable=True)  # computed rows first
     keep = keep[order]
     # Rows outside ``where`` get 0 (finite) inputs: NaN there stays inert.
     h = jnp.where(keep[:, None], h[order], 0)
     t = jnp.where(keep, t[order], 0)
-    n_active = (jnp.sum(keep, dtype=jnp.int32) + chunk - 1) // chunk
-  n_chunks = -(-rows // chunk)
-  pad = n_chunks * chunk - rows
-  if pad:
-    h = jnp.pad(h, ((0, pad), (0, 0)))
-    t = jnp.pad(t, (0, pad))
-  vocab_chunk = (
-    vocab if vocab_chunk_size is None else min(vocab_chunk_size, vocab)
-  )
-  st = _Static(
-    chunk, vocab_chunk, 1.0 / float(temperature), bool(return_entropy)
-  )
+    count = jnp.sum(keep, dtype=jnp.int32)
+  dense = fused_dense_rows(vocab) if dense_rows is None else dense_rows
+  dense = min(dense, rows)
   # The kernel works on the [V, D] layout: vocabulary tiles are contiguous
   # row blocks (no strided slices), and for a tied embedding
   # (``unembedding = table.T``) the two transposes cancel, so neither the
   # table nor its gradient is ever copied into [D, V].
-  logps, entropy = _fused(
-    h.reshape(n_chunks, chunk, width),
-    unembedding.astype(dtype).T,
-    t.reshape(n_chunks, chunk),
-    n_active,
-    st,
+  w = unembedding.astype(dtype).T
+  vocab_chunk = (
+    vocab if vocab_chunk_size is None else min(vocab_chunk_size, vocab)
   )
+  inv_temperature = 1.0 / float(temperature)
+  entropy_too = bool(return_entropy)
+
+  def dense_head(head):
+    """Rows ``[:head]`` in one dense tile; the rest are not computed."""
+    st = _Static(head, vocab, inv_temperature, entropy_too)
+    logps, entropy = _dense(h[:head], w, t[:head], st)
+    return tuple(jnp.pad(x, (0, rows - head)) for x in (logps, entropy))
+
+  def tiles():
+    chunk = max(1, min(chunk_size, rows))
+    n_active = None
+    if where is not None:
+      # Chunks small enough that skipping whole ones pays: <= 1/8 of the
+      # rows; chunks past the computed rows are skipped.
+      chunk = min(chunk, max(128, 8 * -(-rows // 64)))
+      n_active = (count + chunk - 1) // chunk
+    pad = -(-rows // chunk) * chunk - rows
+    h_pad = jnp.pad(h, ((0, pad), (0, 0)))
+    t_pad = jnp.pad(t, (0, pad))
+    st = _Static(chunk, vocab_chunk, inv_temperature, entropy_too)
+    logps, entropy = _tiled(h_pad, w, t_pad, n_active, st)
+    return logps[:rows], entropy[:rows]
+
+  if where is None:
+    logps, entropy = dense_head(rows) if rows <= dense else tiles()
+  elif dense == 0:
+    logps, entropy = tiles()
+  else:
+    # The head costs all its rows, True or not: taken when the True rows
+    # fit and fill at least half of it (three fast matmuls per row instead
+    # of four tiled ones at about 0.6 of the speed).
+    logps, entropy = jax.lax.cond(
+      (2 * count >= dense) & (count <= dense),
+      lambda: dense_head(dense),
+      tiles,
+    )
 
   def unsort(x):
-    x = x.reshape(-1)[:rows]
     if order is not None:
       x = jnp.zeros_like(x).at[order].set(jnp.where(keep, x, 0.0))
     return x.reshape(batch, length)

@@ -51,15 +51,19 @@ def _value_and_grads(fn, hidden, unembedding, c1, c2):
   return out, grads
 
 
-# (chunk_size, vocab_chunk_size, temperature): rows that do / do not divide
-# B·T = 21, vocabulary tiles that do / do not divide V = 50, one tile, one
-# row per chunk.
+# (chunk_size, vocab_chunk_size, temperature, dense_rows): rows that do /
+# do not divide B·T = 21, vocabulary tiles that do / do not divide V = 50,
+# one tile, one row per chunk (dense_rows 0: always tiles; 9 < 21: tiles);
+# the dense head: exactly B·T rows and the default (wider at this size).
 _CONFIGS = (
-  (4, None, 1.0),
-  (7, 10, 0.7),
-  (5, 16, 0.7),
-  (64, 50, 1.0),
-  (1, 3, 1.0),
+  (4, None, 1.0, 0),
+  (7, 10, 0.7, 0),
+  (5, 16, 0.7, 0),
+  (64, 50, 1.0, 0),
+  (1, 3, 1.0, 0),
+  (5, 16, 0.7, 9),
+  (4, None, 1.0, 21),
+  (7, 10, 0.7, None),
 )
 
 
@@ -73,8 +77,8 @@ class FusedTokenLogpsTest(parameterized.TestCase):
     @jax.jit
     def run(hidden, unembedding):
       got, want = {}, {}
-      for chunk, vocab_chunk, temp in _CONFIGS:
-        fused = lambda h, w, c=chunk, v=vocab_chunk, t=temp: (
+      for chunk, vocab_chunk, temp, dense in _CONFIGS:
+        fused = lambda h, w, c=chunk, v=vocab_chunk, t=temp, d=dense: (
           _fused.fused_token_logps(
             h,
             w,
@@ -83,11 +87,12 @@ class FusedTokenLogpsTest(parameterized.TestCase):
             vocab_chunk_size=v,
             temperature=t,
             return_entropy=True,
+            dense_rows=d,
           )
         )
-        got[chunk, vocab_chunk, temp] = _value_and_grads(
-          fused, hidden, unembedding, c1, c2
-        )
+        # (dense -1: the default; dict keys must compare)
+        key = (chunk, vocab_chunk, temp, -1 if dense is None else dense)
+        got[key] = _value_and_grads(fused, hidden, unembedding, c1, c2)
         if temp not in want:
           naive = lambda h, w, t=temp: _naive(h, w, targets, t)
           want[temp] = _value_and_grads(naive, hidden, unembedding, c1, c2)
@@ -147,7 +152,13 @@ class FusedTokenLogpsTest(parameterized.TestCase):
 
     fused = loss(
       lambda h, w: _fused.fused_token_logps(
-        h, w, targets, chunk_size=32, vocab_chunk_size=128, return_entropy=True
+        h,
+        w,
+        targets,
+        chunk_size=32,
+        vocab_chunk_size=128,
+        return_entropy=True,
+        dense_rows=0,
       )
     )
     naive = loss(lambda h, w: _naive(h, w, targets))
@@ -167,6 +178,39 @@ class FusedTokenLogpsTest(parameterized.TestCase):
     self.assertLess(
       fused_mem.temp_size_in_bytes, naive_mem.temp_size_in_bytes / 4
     )
+
+  def test_dense_head_keeps_its_logits_for_the_backward_pass(self):
+    # Three [B·T, V] products (forward, dh, dW): the backward pass reads
+    # the kept logits instead of recomputing them. One row more than the
+    # head holds: the tiles, which recompute (a fourth product).
+    batch, length, width, vocab = 2, 64, 16, 512
+    hidden, unembedding, targets = _inputs(batch, length, width, vocab)
+
+    def dots(dense):
+      fn = lambda h, w: jnp.sum(
+        _fused.fused_token_logps(h, w, targets, dense_rows=dense, chunk_size=32)
+      )
+      text = str(jax.make_jaxpr(jax.grad(fn, (0, 1)))(hidden, unembedding))
+      return text.count("dot_general"), text
+
+    count, text = dots(batch * length)
+    self.assertEqual(count, 3)
+    self.assertIn(f"f32[{batch * length},{vocab}]", text)
+    count, text = dots(batch * length - 1)
+    self.assertGreaterEqual(count, 4)
+    self.assertNotIn(f"f32[{batch * length},{vocab}]", text)
+
+  def test_fused_dense_rows(self):
+    budget_rows = _fused.FUSED_DENSE_LOGITS_BYTES // (4 * 32000)
+    self.assertEqual(_fused.fused_dense_rows(32000), budget_rows)
+    self.assertEqual(budget_rows, 262)
+    self.assertEqual(_fused.fused_dense_rows(32000, 256), 256)
+    self.assertEqual(_fused.fused_dense_rows(32000, 10_000), 262)
+    self.assertEqual(_fused.fused_dense_rows(260, 0), 0)
+    with self.assertRaisesRegex(ValueError, "vocab_size"):
+      _fused.fused_dense_rows(0)
+    with self.assertRaisesRegex(ValueError, "max_rows"):
+      _fused.fused_dense_rows(100, -1)
 
   def test_bf16_inputs(self):
     hidden, unembedding, targets = _inputs()
@@ -208,6 +252,7 @@ class FusedTokenLogpsTest(parameterized.TestCase):
       (dict(chunk_size=0), "chunk_size"),
       (dict(vocab_chunk_size=0), "vocab_chunk_size"),
       (dict(temperature=0.0), "temperature"),
+      (dict(dense_rows=-1), "dense_rows"),
     ):
       with self.assertRaisesRegex(ValueError, name):
         shape(hidden, unembedding, targets, **kwargs)

@@ -52,8 +52,23 @@ def _loss(fn, c1, c2, where):
   return jax.value_and_grad(scalar, (0, 1), has_aux=True)
 
 
-# (chunk_size, vocab_chunk_size, temperature)
-_CONFIGS = ((2048, None, 1.0), (64, 16, 0.7), (7, 10, 1.0), (1000, 50, 0.7))
+# (chunk_size, vocab_chunk_size, temperature, dense_rows); 146 of the 360
+# rows are True. Tiles: always (0), a head too narrow for the True rows
+# (100), one they fill less than half of (300; the default, 360 rows at
+# this size). The dense head: exactly filled (146), wider (200, 292: half
+# filled).
+_CONFIGS = (
+  (2048, None, 1.0, 0),
+  (64, 16, 0.7, 0),
+  (7, 10, 1.0, 0),
+  (1000, 50, 0.7, 0),
+  (64, 16, 0.7, 100),
+  (7, 10, 1.0, 146),
+  (64, 16, 1.0, 200),
+  (7, 10, 0.7, 292),
+  (64, 16, 1.0, 300),
+  (2048, None, 0.7, None),
+)
 
 
 class FusedWhereTest(parameterized.TestCase):
@@ -63,18 +78,19 @@ class FusedWhereTest(parameterized.TestCase):
     @jax.jit
     def run(h, w):
       out = {}
-      for chunk, vchunk, temp in _CONFIGS:
+      for chunk, vchunk, temp, dense in _CONFIGS:
         kw = dict(
           chunk_size=chunk,
           vocab_chunk_size=vchunk,
           temperature=temp,
           return_entropy=True,
+          dense_rows=dense,
         )
         masked = lambda h, w, kw=kw: ops.fused_token_logps(
           h, w, targets, where=where, **kw
         )
         full = lambda h, w, kw=kw: ops.fused_token_logps(h, w, targets, **kw)
-        out[chunk, vchunk, temp] = (
+        out[chunk, vchunk, temp, dense] = (
           _loss(masked, c1, c2, where)(h, w),
           _loss(full, c1, c2, where)(h, w),
           masked(h, w),
@@ -99,11 +115,18 @@ class FusedWhereTest(parameterized.TestCase):
       np.testing.assert_array_equal(dh[~where], 0.0, msg)
       self.assertGreater(np.abs(dh[where]).max(), 0.0)
 
-  def test_nan_outside_where_is_inert(self):
+  @parameterized.parameters(0, 100, None)
+  def test_nan_outside_where_is_inert(self, dense):
     hidden, unembedding, targets, where, c1, c2 = _inputs(1)
     poisoned = testing.with_nan_padding(hidden, where[..., None])
     fn = lambda h, w: ops.fused_token_logps(
-      h, w, targets, chunk_size=64, return_entropy=True, where=where
+      h,
+      w,
+      targets,
+      chunk_size=64,
+      return_entropy=True,
+      where=where,
+      dense_rows=dense,
     )
     grad = jax.jit(_loss(fn, c1, c2, where))
     (v0, _), g0 = grad(hidden, unembedding)
@@ -113,12 +136,14 @@ class FusedWhereTest(parameterized.TestCase):
       self.assertTrue(np.all(np.isfinite(a)))
       np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
-  @parameterized.parameters(True, False)
-  def test_all_or_no_rows(self, value):
+  @parameterized.product(value=(True, False), dense=(0, 100, None))
+  def test_all_or_no_rows(self, value, dense):
     hidden, unembedding, targets, _, _, _ = _inputs(2)
     where = np.full((B, T), value)
     got = jax.jit(
-      lambda h, w: ops.fused_token_logps(h, w, targets, where=where)
+      lambda h, w: ops.fused_token_logps(
+        h, w, targets, where=where, dense_rows=dense
+      )
     )(hidden, unembedding)
     if value:
       want = _oracle(hidden, unembedding, targets, 1.0)[0]
@@ -156,7 +181,13 @@ class FusedWhereTest(parameterized.TestCase):
 
     def fn(h, t, m):
       return ops.fused_token_logps(
-        h, unembedding, t, chunk_size=8, return_entropy=True, where=m
+        h,
+        unembedding,
+        t,
+        chunk_size=8,
+        return_entropy=True,
+        where=m,
+        dense_rows=40,  # a dense head and tiles
       )
 
     testing.assert_sharded_equals_unsharded(
