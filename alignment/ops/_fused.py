@@ -156,6 +156,11 @@ def _fwd_rows(h_c, w, t_c, st: _Static):
   if tail:
     col0 = n_full * st.vocab_chunk
     stats = _fwd_tile(stats, h_c, w[col0:], t_c, col0, st)
+  return _finish(stats, st)
+
+
+def _finish(stats, st: _Static):
+  """``(lse, target logit, entropy)`` from a row chunk's folded stats."""
   m, s, u, picked = stats
   log_s = jnp.log(s)
   entropy = log_s - u / s if st.with_entropy else jnp.zeros_like(s)
@@ -285,11 +290,14 @@ def _fused_fwd(h, w, t, n_active, st: _Static):
   return (picked - lse, entropy), (h, w, t, n_active, lse, entropy)
 
 
+def _float32(cotangents):
+  """The (log-prob, entropy) cotangents as float32."""
+  return tuple(jnp.asarray(c, jnp.float32) for c in cotangents)
+
+
 def _fused_bwd(st: _Static, residuals, cotangents):
   h, w, t, n_active, lse, entropy = residuals
-  g, gent = cotangents
-  g = jnp.asarray(g, jnp.float32)
-  gent = jnp.asarray(gent, jnp.float32)
+  g, gent = _float32(cotangents)
   dh, dw = _backward(h, w, t, lse, entropy, g, gent, n_active, st)
   return dh.astype(h.dtype), dw.astype(w.dtype), None, None
 
@@ -303,10 +311,7 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 def _dense_stats(h, w, t, st: _Static):
   z = _tile_logits(h, w, st)
-  m, s, u, picked = _tile_stats(z, t, 0, st.with_entropy)
-  log_s = jnp.log(s)
-  entropy = log_s - u / s if st.with_entropy else jnp.zeros_like(s)
-  return z, m + log_s, picked, entropy
+  return (z, *_finish(_tile_stats(z, t, 0, st.with_entropy), st))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -322,9 +327,7 @@ def _dense_fwd(h, w, t, st: _Static):
 
 def _dense_bwd(st: _Static, residuals, cotangents):
   h, w, t, z, lse, entropy = residuals
-  g, gent = cotangents
-  g = jnp.asarray(g, jnp.float32)
-  gent = jnp.asarray(gent, jnp.float32)
+  g, gent = _float32(cotangents)
   dz = _dz(z, t, lse, entropy, g, gent, 0, st).astype(w.dtype)
   dh = _dot(dz, w, ((1,), (0,)))
   dw = _dot(dz, h, ((0,), (0,)))
