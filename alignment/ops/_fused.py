@@ -337,19 +337,6 @@ def _dense_bwd(st: _Static, residuals, cotangents):
 _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-def _tiled(h, w, t, n_active, st: _Static):
-  """The tiled kernel on ``h [R, D]`` rows, ``R`` a multiple of the chunk."""
-  n_chunks = h.shape[0] // st.chunk
-  logps, entropy = _fused(
-    h.reshape(n_chunks, st.chunk, -1),
-    w,
-    t.reshape(n_chunks, st.chunk),
-    n_active,
-    st,
-  )
-  return logps.reshape(-1), entropy.reshape(-1)
-
-
 @typechecked
 def fused_token_logps(
   hidden: Float[In, "B T D"],
@@ -405,10 +392,9 @@ def fused_token_logps(
       gradient, and cost nothing: rows are reordered so that the computed
       ones come first; unless the dense head takes them, they are cut into
       chunks of at most ``chunk_size`` rows (and at most
-      ``max(128, B·T / 8)``), and
-      chunks with no computed row are skipped, so the work scales with the
-      number of True positions (rounded up to a chunk). NaN rows outside
-      ``where`` are inert.
+      ``max(128, B·T / 8)``), and chunks with no computed row are skipped,
+      so the work scales with the number of True positions (rounded up to
+      a chunk). NaN rows outside ``where`` are inert.
     dense_rows: the most computed rows that take the dense head instead
       of the tiles: one untiled ``[rows, V]`` product whose float32 logits
       are kept for the backward pass instead of recomputed (three matmuls,
@@ -479,9 +465,6 @@ def fused_token_logps(
   # (``unembedding = table.T``) the two transposes cancel, so neither the
   # table nor its gradient is ever copied into [D, V].
   w = unembedding.astype(dtype).T
-  vocab_chunk = (
-    vocab if vocab_chunk_size is None else min(vocab_chunk_size, vocab)
-  )
   inv_temperature = 1.0 / float(temperature)
   entropy_too = bool(return_entropy)
 
@@ -499,12 +482,20 @@ def fused_token_logps(
       # rows; chunks past the computed rows are skipped.
       chunk = min(chunk, max(128, 8 * -(-rows // 64)))
       n_active = (count + chunk - 1) // chunk
-    pad = -(-rows // chunk) * chunk - rows
-    h_pad = jnp.pad(h, ((0, pad), (0, 0)))
-    t_pad = jnp.pad(t, (0, pad))
+    n_chunks = -(-rows // chunk)
+    pad = n_chunks * chunk - rows
+    vocab_chunk = (
+      vocab if vocab_chunk_size is None else min(vocab_chunk_size, vocab)
+    )
     st = _Static(chunk, vocab_chunk, inv_temperature, entropy_too)
-    logps, entropy = _tiled(h_pad, w, t_pad, n_active, st)
-    return logps[:rows], entropy[:rows]
+    logps, entropy = _fused(
+      jnp.pad(h, ((0, pad), (0, 0))).reshape(n_chunks, chunk, width),
+      w,
+      jnp.pad(t, (0, pad)).reshape(n_chunks, chunk),
+      n_active,
+      st,
+    )
+    return logps.reshape(-1)[:rows], entropy.reshape(-1)[:rows]
 
   if where is None:
     logps, entropy = dense_head(rows) if rows <= dense else tiles()
