@@ -264,6 +264,8 @@ def build(spec) -> Built:
     config.kl.beta = spec.get("beta", 0.04)
     config.kl.mode = "loss" if config.kl.beta else "none"
     config.loss_aggregation = spec.get("loss_aggregation", "sequence_mean")
+    if "share_prompt" in spec:
+      config.rl.share_prompt = bool(spec["share_prompt"])
     _, _, ahyper = rl._check(config)  # noqa: SLF001 - the trainer's own check
     loss_fn = rl.make_policy_loss(graphdef, rest, None, None, config)
     tx, state, _ = state_of(config, {"policy": params}, {"policy": p_shard})
@@ -284,12 +286,20 @@ def build(spec) -> Built:
     )
     prompt_mask = jnp.ones(prompts.shape, bool)
     chunk = config.logps_chunk_size
+    shared = rl.shared_prompt_kwargs(config)
+    info["share_prompt"] = bool(shared)
 
     @jax.jit
     def forward_logps(p, tokens, attention_mask, loss_mask):
       m = nnx.merge(graphdef, p, rest)
       return rl.completion_logps(
-        m, tokens, attention_mask, loss_mask, chunk_size=chunk, temperature=1.0
+        m,
+        tokens,
+        attention_mask,
+        loss_mask,
+        chunk_size=chunk,
+        temperature=1.0,
+        **shared,
       )
 
     @jax.jit

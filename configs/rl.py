@@ -64,6 +64,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       top_p=1.0,
       ppo_epochs=1,
       num_minibatches=1,
+      # Run each group's prompt once: the G samples of a prompt are read
+      # as one packed row [prompt | c_1 | ... | c_G] (exact).
+      share_prompt=True,
     )
   )
   config.reward = ml_collections.ConfigDict(

@@ -1,6 +1,7 @@
 """Jitted autoregressive sampling with a KV cache.
 
-Prefill writes the (left-padded) prompts into the cache in one forward; a
+Prefill writes the (left-padded) prompts into the cache in one forward, each
+prompt once (its G samples then start from copies of its cache); a
 ``lax.while_loop`` then decodes one token per step for every row, stopping
 early once every row has emitted EOS (or after ``max_new_tokens``). Rows are
 ``[B·G]``, prompt-major (row ``b·G + g`` is sample ``g`` of prompt ``b``).
@@ -387,25 +388,41 @@ class Sampler:
     greedy,
   ):
     model = nnx.merge(self.graphdef, params, self.rest)
-    prompts = jnp.repeat(prompt_tokens, num_samples, axis=0)
-    mask = jnp.repeat(prompt_mask, num_samples, axis=0)
-    n, p = prompts.shape
+    b, p = prompt_tokens.shape
+    n = b * num_samples
     t_max = self.max_new_tokens
     segments = _segments(t_max, self.cache_segment)
-    prompts = partitioning.constrain(prompts, ("batch", None))
-    mask = partitioning.constrain(mask, ("batch", None))
+    prompt_tokens = partitioning.constrain(prompt_tokens, ("batch", None))
+    prompt_mask = partitioning.constrain(prompt_mask, ("batch", None))
+    # Prefill each prompt once, then give each of its G rows a copy of its
+    # KV cache and last hidden state (the same values G prefills give).
     cache = constrain_cache(
-      model.init_cache(n, p + segments[0], self.cache_dtype)
+      model.init_cache(b, p + segments[0], self.cache_dtype)
     )
     # Positions of an empty cache start at 0: given explicitly, XLA does not
     # constant-fold the max over the (constant) empty position table.
     hidden, cache = model.hidden(
-      prompts,
-      attention_mask=mask,
-      positions=default_positions(mask),
+      prompt_tokens,
+      attention_mask=prompt_mask,
+      positions=default_positions(prompt_mask),
       cache=cache,
     )
+    if num_samples > 1:
+      rep = lambda x: jnp.repeat(x, num_samples, axis=0)  # noqa: E731
+      hidden = rep(hidden[:, -1:])
+      cache = KVCache(
+        k=tuple(map(rep, cache.k)),
+        v=tuple(map(rep, cache.v)),
+        key_positions=rep(cache.key_positions),
+        index=cache.index,
+      )
     cache = constrain_cache(cache)
+    prompts = partitioning.constrain(
+      jnp.repeat(prompt_tokens, num_samples, axis=0), ("batch", None)
+    )
+    mask = partitioning.constrain(
+      jnp.repeat(prompt_mask, num_samples, axis=0), ("batch", None)
+    )
     w = model.unembedding()
     logits = jnp.einsum(
       "nd,dv->nv", hidden[:, -1], w, preferred_element_type=jnp.float32

@@ -354,3 +354,133 @@ def share_prompt_bound(config, completion_len: int | None = None):
       f"config.data.max_completion_len must be >= 1, got {bound}."
     )
   return int(bound)
+
+
+# ----------------------------------------------------------------------------
+# Groups of sampled completions (GRPO-style rollouts)
+# ----------------------------------------------------------------------------
+
+
+class PackedGroups(NamedTuple):
+  """Rollout rows packed one group per row: ``[prompt | c_1 | ... | c_G]``.
+
+  ``B`` groups of ``G`` rows, ``Lp = P + G·T`` packed length.
+  """
+
+  tokens: jnp.ndarray
+  """int32 ``[B, Lp]``."""
+  attention_mask: jnp.ndarray
+  """bool ``[B, Lp]``."""
+  positions: jnp.ndarray
+  """int32 ``[B, Lp]``: each token's position in its unpacked row."""
+  segment_ids: jnp.ndarray
+  """int32 ``[B, Lp]``: prompt 1, completion ``g`` ``2 + g``."""
+  prefix_ids: jnp.ndarray
+  """int32 ``[B, Lp]``: 1 on the completions (they read the prompt)."""
+  index: jnp.ndarray
+  """int32 ``[B, G·L]``: packed index of every position of the group's
+  ``G`` unpacked rows (row-major)."""
+  valid: jnp.ndarray
+  """bool ``[B]``: the group's rows share their prompt exactly."""
+
+  def model_kwargs(self) -> dict:
+    """Keyword arrays of `Transformer.__call__` for the packed rows."""
+    return {
+      "attention_mask": self.attention_mask,
+      "positions": self.positions,
+      "segment_ids": self.segment_ids,
+      "prefix_ids": self.prefix_ids,
+    }
+
+
+def pack_groups(
+  tokens, attention_mask, *, group: int, completion_len: int
+) -> PackedGroups:
+  """Packs each group of ``G`` sampled rows on their shared prompt (jittable).
+
+  The rows are those of a rollout (``sampling.Sampler``, ``rl.Rollout``):
+  ``[N, L]`` with ``N = B·G`` prompt-major (rows ``b·G .. b·G + G - 1``
+  are the samples of prompt ``b``), each row the (left-padded) prompt in
+  its first ``P = L - T`` columns and a completion of ``T =
+  completion_len`` columns after it. Group ``b`` becomes one row
+
+    ``[prompt | completion_1 | ... | completion_G]``
+
+  of length ``P + G·T``, with segment ids ``1, 2, .., G + 1`` and prefix
+  ids ``0, 1, .., 1`` (`models.Transformer` ``prefix_ids``): every
+  completion reads the prompt and itself, never a sibling, and every token
+  keeps its unpacked position. The hidden state of every real token is
+  then the one the unpacked forward computes (up to float summation
+  order), and the prompt runs once per group instead of ``G`` times.
+
+  Args:
+    tokens: int ``[N, L]``.
+    attention_mask: bool ``[N, L]``.
+    group: ``G`` (static), ``N`` a multiple of it.
+    completion_len: ``T`` (static), ``1 <= T < L``.
+
+  Returns:
+    A :class:`PackedGroups`; a group whose rows differ anywhere in their
+    first ``P`` columns (tokens where the mask is True, or the mask) is
+    not ``valid`` (:func:`unpack_groups` gives it NaN).
+
+  Raises:
+    ValueError: the static shapes do not fit (named).
+  """
+  n, length = tokens.shape
+  g, t = int(group), int(completion_len)
+  if g < 1 or n % g:
+    raise ValueError(
+      f"pack_groups: {n} rows do not split into groups of {g} "
+      "(config.rl.num_generations)."
+    )
+  if not 1 <= t < length:
+    raise ValueError(
+      f"pack_groups: completion_len={t} must be in [1, {length}) for rows "
+      f"of {length} tokens (prompt columns first)."
+    )
+  b, p = n // g, length - t
+  tok = jnp.asarray(tokens).reshape(b, g, length)
+  attn = jnp.asarray(attention_mask).reshape(b, g, length)
+  pos = default_positions(jnp.asarray(attention_mask)).reshape(b, g, length)
+  pt, pa = tok[:, :, :p], attn[:, :, :p]
+  same_mask = pa == pa[:, :1]
+  same_tok = ~pa | (pt == pt[:, :1])
+  valid = jnp.all(same_mask & same_tok, axis=(1, 2))
+
+  def packed(x):  # [B, G, L] -> [B, P + G·T]
+    return jnp.concatenate([x[:, 0, :p], x[:, :, p:].reshape(b, g * t)], 1)
+
+  member = jnp.repeat(jnp.arange(g, dtype=jnp.int32), t)
+  segment_ids = jnp.concatenate([jnp.full((p,), PROMPT, jnp.int32), 2 + member])
+  prefix_ids = jnp.concatenate(
+    [jnp.zeros((p,), jnp.int32), jnp.full((g * t,), PROMPT, jnp.int32)]
+  )
+  u = jnp.arange(length, dtype=jnp.int32)[None, :]
+  k = jnp.arange(g, dtype=jnp.int32)[:, None]
+  index = jnp.where(u < p, u, p + k * t + (u - p)).reshape(1, g * length)
+  lp = p + g * t
+  return PackedGroups(
+    packed(tok).astype(jnp.int32),
+    packed(attn),
+    packed(pos).astype(jnp.int32),
+    jnp.broadcast_to(segment_ids, (b, lp)),
+    jnp.broadcast_to(prefix_ids, (b, lp)),
+    jnp.broadcast_to(index, (b, g * length)),
+    valid,
+  )
+
+
+def unpack_groups(x, packed: PackedGroups, group: int):
+  """``[B, Lp, ...]`` packed activations → ``[B·G, L, ...]`` unpacked rows.
+
+  Each position holds the value the unpacked forward computes there
+  (padding positions hold arbitrary values); the rows of a group that was
+  not ``valid`` are NaN.
+  """
+  b = x.shape[0]
+  extra = (1,) * (x.ndim - 2)
+  index = packed.index
+  out = jnp.take_along_axis(x, index.reshape(index.shape + extra), axis=1)
+  out = jnp.where(packed.valid.reshape((b, 1) + extra), out, jnp.nan)
+  return out.reshape((b * group, index.shape[1] // group) + x.shape[2:])

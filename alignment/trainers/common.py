@@ -177,31 +177,43 @@ def train_state(params, opt_state, step, rng) -> dict:
 LossFn = Callable[..., tuple[WeightedMean, dict]]
 
 
-def split_microbatches(batch: PyTree, num_microbatches: int) -> PyTree:
+def split_microbatches(
+  batch: PyTree, num_microbatches: int, group: int = 1
+) -> PyTree:
   """``[B, ...]`` → ``[M, B/M, ...]`` with micro-batch ``j`` = rows j, M+j, ...
 
   Strided, so that every micro-batch keeps rows from every device of a
   batch sharded in contiguous blocks (no load imbalance, no resharding).
+  With ``group`` > 1 the stride is over blocks of ``group`` consecutive
+  rows (an RL rollout's samples of one prompt), which stay together:
+  micro-batch ``j`` = groups j, M+j, ...
   """
+  rows = group * num_microbatches
 
   def split(x):
     if x.ndim == 0:
       return jnp.broadcast_to(x, (num_microbatches,))
-    if x.shape[0] % num_microbatches:
+    if x.shape[0] % rows:
+      what = f" of whole groups of {group} rows" if group > 1 else ""
       raise ValueError(
         f"batch of {x.shape[0]} rows does not split into "
-        f"{num_microbatches} micro-batches (config.microbatches)."
+        f"{num_microbatches} micro-batches{what} (config.microbatches)."
       )
-    y = x.reshape(
-      (x.shape[0] // num_microbatches, num_microbatches) + x.shape[1:]
-    )
-    return jnp.swapaxes(y, 0, 1)
+    y = x.reshape((x.shape[0] // rows, num_microbatches, group) + x.shape[1:])
+    y = jnp.swapaxes(y, 0, 1)
+    return y.reshape((num_microbatches, -1) + x.shape[1:])
 
   return jax.tree.map(split, batch)
 
 
 def accumulate_gradients(
-  loss_fn: LossFn, params, frozen, batch, rng, num_microbatches: int
+  loss_fn: LossFn,
+  params,
+  frozen,
+  batch,
+  rng,
+  num_microbatches: int,
+  group: int = 1,
 ):
   """Exact gradient of ``Σ total / Σ weight`` over micro-batches.
 
@@ -225,7 +237,7 @@ def accumulate_gradients(
     (total, (weight, metrics)), grads = grad_fn(params, batch, rng)
     metrics = jax.tree.map(lambda m: m * weight, metrics)
   else:
-    micro = split_microbatches(batch, num_microbatches)
+    micro = split_microbatches(batch, num_microbatches, group)
     keys = jax.random.split(rng, num_microbatches)
 
     def body(carry, xs):
@@ -257,11 +269,15 @@ def make_train_step(
   tx: optax.GradientTransformation,
   *,
   num_microbatches: int = 1,
+  group: int = 1,
 ):
   """A pure ``step(state, frozen, batch) -> (state, metrics)`` to ``jit``.
 
   ``state`` is the dict of :func:`train_state`; ``frozen`` holds what the
   loss needs but is not trained (reference params, a reward model).
+  ``group``: micro-batches keep blocks of this many consecutive rows
+  together (:func:`split_microbatches`; an RL rollout's samples of one
+  prompt).
   """
 
   def step(state, frozen, batch):
@@ -274,6 +290,7 @@ def make_train_step(
       batch,
       jax.random.fold_in(step_rng, state["step"]),
       num_microbatches,
+      group,
     )
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)

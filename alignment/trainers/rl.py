@@ -33,6 +33,7 @@ from alignment import sharding as sharding_lib
 from alignment.trainers import (
   _data,
   _lm,
+  _packing,
   _rl_inputs,
   _rl_process,
   _setup,
@@ -110,6 +111,17 @@ def _check(config):
         f"token; use a group estimator (e.g. 'grpo', 'rloo') or a loss "
         f"that accepts token-level advantages."
       )
+  prompts = int(config.get("batch_size", 0) or 0)
+  parts = int(config.rl.num_minibatches) * int(config.get("microbatches", 1))
+  if prompts and prompts % parts:
+    raise ValueError(
+      f"config.batch_size={prompts} prompts per iteration do not split "
+      f"into config.rl.num_minibatches={config.rl.num_minibatches} x "
+      f"config.microbatches={config.get('microbatches', 1)} parts of whole "
+      "prompt groups (group losses and config.rl.share_prompt need every "
+      "sample of a prompt in the same part); use a batch_size divisible "
+      f"by {parts}."
+    )
   if config.reward.source not in REWARD_SOURCES:
     raise ValueError(
       f"config.reward.source={config.reward.source!r}; valid "
@@ -190,6 +202,8 @@ def completion_logps(
   chunk_size,
   temperature,
   return_entropy=False,
+  group=1,
+  completion_len=None,
 ):
   """Per-token log-probs (and entropies) of the completion targets.
 
@@ -201,13 +215,29 @@ def completion_logps(
     chunk_size: row chunk of the fused kernel.
     temperature: the sampling temperature (divides the logits).
     return_entropy: also return the entropies.
+    group: with ``group`` G > 1 and ``completion_len`` T, the rows are a
+      rollout's (``N = B·G`` prompt-major, the prompt in the first ``P``
+      columns, identical within a group, then ``T`` completion columns)
+      and the model reads each group as one packed row ``[prompt | c_1 |
+      ... | c_G]`` (`_packing.pack_groups`): the same log-probs, the
+      prompt run once per group instead of G times. A group whose prompts
+      differ gets NaN log-probs, never silently different ones.
+    completion_len: T, the completion columns (``rl.max_new_tokens``).
 
   Returns:
     float32 ``[N, P+T-1]`` log-probs (and entropies), 0 outside
     ``loss_mask``: the fused kernel computes only the completion rows
     (``where=loss_mask``), so the prompt positions cost no LM-head work.
   """
-  hidden = model.hidden(tokens, attention_mask=attention_mask)
+  if group > 1 and completion_len:
+    packed = _packing.pack_groups(
+      tokens, attention_mask, group=group, completion_len=completion_len
+    )
+    hidden = _packing.unpack_groups(
+      model.hidden(packed.tokens, **packed.model_kwargs()), packed, group
+    )
+  else:
+    hidden = model.hidden(tokens, attention_mask=attention_mask)
   return ops.fused_token_logps(
     hidden[:, :-1],
     model.unembedding(),
@@ -217,6 +247,19 @@ def completion_logps(
     return_entropy=return_entropy,
     where=loss_mask,
   )
+
+
+def shared_prompt_kwargs(config) -> dict:
+  """`completion_logps` arguments that pack each group of a rollout on its
+  shared prompt: ``{"group": G, "completion_len": T}`` when
+  ``config.rl.share_prompt`` (default True) and ``G > 1``, else ``{}``.
+  Exact (same log-probs and gradients up to float rounding); it saves the
+  ``G - 1`` repeated prompt forwards of every group, in the update and in
+  the reference (and old-policy) forwards."""
+  group = int(config.rl.num_generations)
+  if not bool(config.rl.get("share_prompt", True)) or group < 2:
+    return {}
+  return {"group": group, "completion_len": int(config.rl.max_new_tokens)}
 
 
 def _align_completion(x, prompt_len, fill=0.0):
@@ -241,6 +284,7 @@ def make_policy_loss(policy_gd, policy_rest, value_gd, value_rest, config):
     else None
   )
   correction = config.off_policy.correction
+  shared = shared_prompt_kwargs(config)
   entropy_coef = float(config.get("entropy_coefficient", 0.0))
   vf_coef = float(config.get("value_coefficient", 0.5))
 
@@ -256,6 +300,7 @@ def make_policy_loss(policy_gd, policy_rest, value_gd, value_rest, config):
       chunk_size=chunk,
       temperature=temperature,
       return_entropy=True,
+      **shared,
     )
     old = mb.old_token_logps
     if old is None:  # on-policy: the sampling policy is this one
@@ -620,10 +665,14 @@ def run(
     config,
   )
   step = common.make_train_step(
-    loss_fn, tx, num_microbatches=config.get("microbatches", 1)
+    loss_fn,
+    tx,
+    num_microbatches=config.get("microbatches", 1),
+    group=config.rl.num_generations,
   )
   jitted = jax.jit(step, out_shardings=(state_sh, None), donate_argnums=(0,))
   chunk = config.get("logps_chunk_size", 2048)
+  shared = shared_prompt_kwargs(config)
 
   @jax.jit
   def forward_logps(p, tokens, attention_mask, loss_mask):
@@ -635,6 +684,7 @@ def run(
       loss_mask,
       chunk_size=chunk,
       temperature=config.rl.temperature,
+      **shared,
     )
 
   @jax.jit
@@ -647,6 +697,7 @@ def run(
       loss_mask,
       chunk_size=chunk,
       temperature=1.0,
+      **shared,
     )
 
   values_fn = None

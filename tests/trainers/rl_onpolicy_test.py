@@ -14,7 +14,7 @@ from absl.testing import absltest, parameterized
 from flax import nnx
 
 from alignment import models
-from alignment.trainers import _lm, rl
+from alignment.trainers import rl
 from tests.trainers import _util
 
 MODEL = models.get_preset("tiny", n_layers=1)
@@ -24,6 +24,7 @@ G, N, L, PROMPT = 4, 8, 12, 4
 def _config(loss, correction="none", temperature=1.0):
   config = _util.load_config("rl", f"loss={loss},advantage=grpo,runlocal")
   config.rl.num_generations = G
+  config.rl.max_new_tokens = L - PROMPT
   config.rl.temperature = temperature
   config.kl.mode = "loss"
   config.kl.beta = 0.05
@@ -35,6 +36,9 @@ def _config(loss, correction="none", temperature=1.0):
 def _rollout(old):
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, 256, (N, L)).astype(np.int32)
+  # As the sampler lays a rollout out: the G rows of a group share the
+  # prompt (the first PROMPT columns), then T = L - PROMPT completion ones.
+  tokens[:, :PROMPT] = np.repeat(tokens[::G, :PROMPT], G, axis=0)
   attn = np.ones((N, L), bool)
   attn[1, -3:] = False
   loss_mask = np.zeros((N, L - 1), bool)
@@ -65,20 +69,22 @@ class OnPolicyTest(parameterized.TestCase):
     cls.graphdef, params, cls.rest = nnx.split(model, nnx.Param, ...)
     cls.params = {"policy": params}
 
-  def _old_logps(self, ro, temperature):
-    """The pre-update forward ``rl.run`` makes off-policy."""
+  def _old_logps(self, ro, temperature, config):
+    """The pre-update forward ``rl.run`` makes off-policy (each group
+    packed on its prompt, as there and in the loss)."""
 
     @jax.jit
     def forward(p, tokens, attention_mask, loss_mask):
       model = nnx.merge(self.graphdef, p, self.rest)
-      lp, _ = _lm.completion_token_logps(
+      return rl.completion_logps(
         model,
         tokens,
         attention_mask,
-        attention_mask,
+        loss_mask,
+        chunk_size=64,
         temperature=temperature,
+        **rl.shared_prompt_kwargs(config),
       )
-      return jnp.where(loss_mask, lp, 0.0)
 
     return forward(
       self.params["policy"], ro.tokens, ro.attention_mask, ro.loss_mask
@@ -92,7 +98,7 @@ class OnPolicyTest(parameterized.TestCase):
     self.assertTrue(rl.is_on_policy(config))
     loss_fn = rl.make_policy_loss(self.graphdef, self.rest, None, None, config)
     on = _rollout(None)
-    off = on._replace(old_token_logps=self._old_logps(on, temperature))
+    off = on._replace(old_token_logps=self._old_logps(on, temperature, config))
 
     @jax.jit
     def value_and_grad(ro):

@@ -75,6 +75,9 @@ def _rollout():
   n = 2 * G
   rng = np.random.default_rng(1)
   tokens, attn, _ = _rows(rng, n)
+  # The sampler's layout: a group's G rows share the prompt columns.
+  tokens[:, :PROMPT] = np.repeat(tokens[::G, :PROMPT], G, axis=0)
+  attn[:, :PROMPT] = np.repeat(attn[::G, :PROMPT], G, axis=0)
   loss_mask = np.zeros((n, L - 1), bool)
   loss_mask[:, PROMPT - 1 :] = attn[:, PROMPT:]
   old = np.where(loss_mask, -rng.uniform(1, 6, (n, L - 1)), 0.0)
@@ -121,6 +124,8 @@ def _train_uncached(trainer, n_devices):
   else:
     config = _util.load_config("rl", "loss=grpo,advantage=grpo,runlocal")
     config.loss_aggregation = "token_mean"
+    config.rl.num_generations = G
+    config.rl.max_new_tokens = L - PROMPT
     kind, kwargs, batch = "causal_lm", {}, _rollout()
   # SGD with momentum: parameter differences stay proportional to gradient
   # differences. (Adam divides tiny gradients by their own root mean
