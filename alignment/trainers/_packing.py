@@ -50,6 +50,17 @@ from alignment.models.transformer import default_positions
 PROMPT, CHOSEN, REJECTED = 1, 2, 3
 
 
+def _model_kwargs(packed) -> dict:
+  """Keyword arrays of `Transformer.__call__` for packed rows (the
+  ``model_kwargs()`` of :class:`PackedPairs` and :class:`PackedGroups`)."""
+  return {
+    "attention_mask": packed.attention_mask,
+    "positions": packed.positions,
+    "segment_ids": packed.segment_ids,
+    "prefix_ids": packed.prefix_ids,
+  }
+
+
 class PackedPairs(NamedTuple):
   """A batch of pairs packed one per row (``Lp`` = packed length)."""
 
@@ -73,14 +84,7 @@ class PackedPairs(NamedTuple):
   valid: jnp.ndarray
   """bool ``[B]``: the pair could be packed exactly."""
 
-  def model_kwargs(self) -> dict:
-    """Keyword arrays of `Transformer.__call__` for the packed rows."""
-    return {
-      "attention_mask": self.attention_mask,
-      "positions": self.positions,
-      "segment_ids": self.segment_ids,
-      "prefix_ids": self.prefix_ids,
-    }
+  model_kwargs = _model_kwargs
 
 
 def packed_length(length: int, completion_len: int) -> int:
@@ -383,14 +387,7 @@ class PackedGroups(NamedTuple):
   valid: jnp.ndarray
   """bool ``[B]``: the group's rows share their prompt exactly."""
 
-  def model_kwargs(self) -> dict:
-    """Keyword arrays of `Transformer.__call__` for the packed rows."""
-    return {
-      "attention_mask": self.attention_mask,
-      "positions": self.positions,
-      "segment_ids": self.segment_ids,
-      "prefix_ids": self.prefix_ids,
-    }
+  model_kwargs = _model_kwargs
 
 
 def pack_groups(
