@@ -35,7 +35,8 @@ What it does:
    sequence lengths, group size, optimiser (AdamW, constant lr, clip 1.0).
    Each side is a worker subprocess (``bench/ours.py``,
    ``bench/peers/*_worker.py``) that builds and compiles once; the workers
-   then take turns, ``--steps`` steps each, for ``--rounds`` rounds with
+   then take turns, ``--steps`` steps each (preset default: tiny 10,
+   small 2), for ``--rounds`` rounds (tiny 9, small 3) with
    the order reversed every other round (A B C, C B A, ...), so slow drift
    of a shared machine hits every side alike. Reported: median step time
    over rounds (of each round's median) with its min-max spread, tokens/s
@@ -110,7 +111,11 @@ SHAPES = {
   "tiny": {
     "pairs": dict(batch=8, prompt_len=64, completion_len=63),
     "grpo": dict(batch=4, num_generations=4, prompt_len=32, completion_len=32),
-    "steps": 3,
+    # Steps of 15-300 ms: many short rounds, so that a burst of load on the
+    # shared machine moves a few per-round ratios, not the median (3 rounds
+    # of 3 steps gave the tiny DPO ratio 1.07-1.61x from run to run).
+    "steps": 10,
+    "rounds": 9,
   },
   "small": {
     "pairs": dict(batch=2, prompt_len=64, completion_len=63),
@@ -119,6 +124,7 @@ SHAPES = {
     # the regime of the memory target.
     "pairs_long": dict(batch=2, prompt_len=64, completion_len=959),
     "steps": 2,
+    "rounds": 3,
   },
 }
 COMMON = dict(
@@ -295,7 +301,8 @@ def run_benchmark(name, sides, spec_of, args, env_of, notes=None):
   for w in workers.values():
     w.start(args.start_timeout)
   live = [s for s in sides if workers[s].ready]
-  for r in range(args.rounds):
+  rounds = args.rounds or spec_of(sides[0])["rounds"]
+  for r in range(rounds):
     order = live if r % 2 == 0 else live[::-1]
     for side in order:
       workers[side].run(spec_of(side)["steps"], args.step_timeout)
@@ -432,6 +439,7 @@ def make_spec(task, preset, args, side):
   else:
     spec.update(shapes["grpo"] if task == "grpo" else shapes["pairs"])
   spec["steps"] = args.steps or shapes["steps"]
+  spec["rounds"] = shapes["rounds"]
   if task in ("dpo", "dpo_long"):
     spec["beta"] = 0.1
   if task == "grpo":
@@ -527,7 +535,12 @@ def main():
   parser.add_argument(
     "--only", default="dpo,rm,grpo,dpo_long,logprobs,sampling,data"
   )
-  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument(
+    "--rounds",
+    type=int,
+    default=0,
+    help="rounds per benchmark (0: preset default, tiny 9, small 3)",
+  )
   parser.add_argument(
     "--steps",
     type=int,
@@ -569,7 +582,7 @@ def main():
     return
   if args.quick:
     args.presets = "tiny"
-    args.rounds = min(args.rounds, 2)
+    args.rounds = min(args.rounds or 2, 2)
     if args.allocator == "auto":
       args.allocator = "jemalloc"
   only = set(args.only.split(","))
