@@ -9,6 +9,7 @@
   results are unchanged; only wall time is saved.
 * :func:`subprocess_env` is the environment for ``python -m alignment.main``
   child processes: one CPU device, the same persistent cache.
+* :func:`split_model` builds a model and splits it as the trainers do.
 """
 
 import atexit
@@ -56,6 +57,17 @@ def config_module(name: str):
 def load_config(name: str, arg: str | None = None):
   """``configs/<name>.py:get_config(arg)`` (unlocked)."""
   return config_module(name).get_config(arg)
+
+
+def split_model(kind: str, config, seed: int = 0, **kwargs):
+  """``models.build_model(kind, config, ...)`` split as the trainers split
+  it: ``(graphdef, params, rest)`` (``nnx.Param`` leaves, then the rest)."""
+  from flax import nnx  # noqa: PLC0415
+
+  from alignment import models  # noqa: PLC0415
+
+  model = models.build_model(kind, config, rngs=nnx.Rngs(seed), **kwargs)
+  return nnx.split(model, nnx.Param, ...)
 
 
 def rl_config(advantage: str, **reward):

@@ -262,10 +262,7 @@ class SyntheticRatingsTest(absltest.TestCase):
 
 def _tiny_model(k=3):
   cfg = models.get_preset("tiny", n_layers=1)
-  model = models.build_model(
-    "multi_objective_reward", cfg, rngs=nnx.Rngs(0), num_objectives=k
-  )
-  return nnx.split(model, nnx.Param, ...)
+  return _util.split_model("multi_objective_reward", cfg, num_objectives=k)
 
 
 def _hand_batch():

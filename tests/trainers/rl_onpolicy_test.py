@@ -65,8 +65,7 @@ class OnPolicyTest(parameterized.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    model = models.build_model("causal_lm", MODEL, rngs=nnx.Rngs(0))
-    cls.graphdef, params, cls.rest = nnx.split(model, nnx.Param, ...)
+    cls.graphdef, params, cls.rest = _util.split_model("causal_lm", MODEL)
     cls.params = {"policy": params}
 
   def _old_logps(self, ro, temperature, config):

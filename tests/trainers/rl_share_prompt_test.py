@@ -136,8 +136,7 @@ class PolicyLossTest(parameterized.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    model = models.build_model("causal_lm", MODEL, rngs=nnx.Rngs(0))
-    cls.graphdef, params, cls.rest = nnx.split(model, nnx.Param, ...)
+    cls.graphdef, params, cls.rest = _util.split_model("causal_lm", MODEL)
     cls.params = {"policy": params}
     tokens, attn, mask = _rollout_rows(3)
     rng = np.random.default_rng(4)
