@@ -341,9 +341,13 @@ def _dense_forward(q, k, v, allowed):
   scores = jnp.where(allowed[:, None, None], scores * scale, _MASK_VALUE)
   peak = jnp.max(scores, axis=-1, keepdims=True)
   expd = jnp.exp(scores - peak)
-  probs = expd / jnp.sum(expd, axis=-1, keepdims=True)
+  # Rows with no allowed key are zeroed through the per-row normaliser
+  # ([..., L, 1]), not by a select over the [..., L, S] probabilities: the
+  # select was one more pass over the scores: at the tiny DPO step's
+  # [8, 2, 2, 192, 192] scores, forward + backward about 1.2x faster
+  # without it (XLA:CPU, in-process A/B).
   seen = jnp.any(allowed, axis=-1)[:, None, None, :, None]
-  probs = jnp.where(seen, probs, 0.0)
+  probs = expd * (seen / jnp.sum(expd, axis=-1, keepdims=True))
   out = jnp.einsum("bkgls,bksn->bkgln", probs.astype(v.dtype), v)
   return out.astype(q.dtype), probs
 
