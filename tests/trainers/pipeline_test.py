@@ -25,33 +25,51 @@ def _config(arg):
   return module.get_config(arg)
 
 
-@pytest.mark.slow
-def test_quick_pipeline_runs_every_stage(tmp_path):
-  # In a child process (`make run`'s command line, the suite's 8 CPU
-  # devices): a native abort there fails this test with the child's stderr
-  # instead of taking down the test worker with the message swallowed by
-  # pytest's capture. That is how the abort seen three times in full-suite
-  # runs (RL stage, never in isolation) was identified: XLA:CPU's 40 s
-  # collective rendezvous timeout under load; conftest raises it.
-  proc = subprocess.run(
+# XLA:CPU's abort when a collective's rendezvous never completes.
+_RENDEZVOUS_ABORT = "Termination timeout for"
+
+
+def _run_quick_pipeline(workdir):
+  return subprocess.run(
     [
       _util.PYTHON,
       "-m",
       "alignment.main",
       "--config=configs/pipeline.py:quick",
-      f"--workdir={tmp_path}",
+      f"--workdir={workdir}",
     ]
     + [
       f"--config.{stage}.progress=False"
       for stage in ("sft", "reward_model", "dpo", "grpo")
     ],
     cwd=ROOT,
-    env=_util.subprocess_env(XLA_FLAGS=os.environ.get("XLA_FLAGS", "")),
+    env=_util.subprocess_env(
+      XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+      + " --xla_cpu_collective_call_terminate_timeout_seconds=180"
+    ),
     capture_output=True,
     text=True,
     timeout=900,
     check=False,
   )
+
+
+@pytest.mark.slow
+def test_quick_pipeline_runs_every_stage(tmp_path):
+  # In a child process (`make run`'s command line, the suite's 8 CPU
+  # devices): a native abort there fails this test with the child's stderr
+  # instead of taking down the test worker with the message swallowed by
+  # pytest's capture. Four times in full-suite runs (never in isolation)
+  # the child's RL stage aborted in XLA:CPU's collective rendezvous ("all
+  # gather ... Expected 8 threads to join the rendezvous, but only 7 of
+  # them arrived"), the last time after a 600 s wait: a hang of the 8 fake
+  # devices' threads on 2 loaded cores, not a slow device, and not
+  # deterministic (the run is seeded). The child then gets 180 s and, on
+  # that abort only, one fresh run; any other failure fails at once.
+  proc = _run_quick_pipeline(tmp_path)
+  if proc.returncode != 0 and _RENDEZVOUS_ABORT in proc.stderr:
+    tmp_path = tmp_path / "rerun"
+    proc = _run_quick_pipeline(tmp_path)
   assert proc.returncode == 0, proc.stderr[-6000:]
   report = json.loads((tmp_path / "report.json").read_text())
   for name in ("sft", "dpo", "grpo"):
