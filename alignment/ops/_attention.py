@@ -342,10 +342,9 @@ def _dense_forward(q, k, v, allowed):
   peak = jnp.max(scores, axis=-1, keepdims=True)
   expd = jnp.exp(scores - peak)
   # Rows with no allowed key are zeroed through the per-row normaliser
-  # ([..., L, 1]), not by a select over the [..., L, S] probabilities: the
-  # select was one more pass over the scores: at the tiny DPO step's
-  # [8, 2, 2, 192, 192] scores, forward + backward about 1.2x faster
-  # without it (XLA:CPU, in-process A/B).
+  # ([..., L, 1]), not by a select over the [..., L, S] probabilities, which
+  # cost one more pass over the scores (tiny DPO step's [8, 2, 2, 192, 192]
+  # scores: forward + backward about 1.2x faster without it, XLA:CPU).
   seen = jnp.any(allowed, axis=-1)[:, None, None, :, None]
   probs = expd * (seen / jnp.sum(expd, axis=-1, keepdims=True))
   out = jnp.einsum("bkgls,bksn->bkgln", probs.astype(v.dtype), v)

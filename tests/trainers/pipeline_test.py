@@ -27,6 +27,17 @@ def _config(arg):
 
 # XLA:CPU's abort when a collective's rendezvous never completes.
 _RENDEZVOUS_ABORT = "Termination timeout for"
+_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds"
+
+
+def _child_xla_flags():
+  """The suite's XLA flags with the rendezvous timeout set to 180 s."""
+  flags = [
+    f
+    for f in os.environ.get("XLA_FLAGS", "").split()
+    if not f.startswith(_TIMEOUT_FLAG)
+  ]
+  return " ".join([*flags, f"{_TIMEOUT_FLAG}=180"])
 
 
 def _run_quick_pipeline(workdir):
@@ -43,10 +54,7 @@ def _run_quick_pipeline(workdir):
       for stage in ("sft", "reward_model", "dpo", "grpo")
     ],
     cwd=ROOT,
-    env=_util.subprocess_env(
-      XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
-      + " --xla_cpu_collective_call_terminate_timeout_seconds=180"
-    ),
+    env=_util.subprocess_env(XLA_FLAGS=_child_xla_flags()),
     capture_output=True,
     text=True,
     timeout=900,
